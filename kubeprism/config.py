@@ -1,0 +1,483 @@
+"""Typed, frozen configuration and its YAML loader.
+
+Every value is validated here so that the rest of the daemon can trust its
+config; every error names the key path (``healthCheck.timeout``) and the bad
+value, because the person reading it is editing a YAML file on a node.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+DEFAULT_CONFIG_PATH = "/etc/kubeprism/kubeprism.yaml"
+
+# Loopback on both families: clients resolving "localhost" to ::1 first must work too.
+DEFAULT_LISTEN = ("127.0.0.1:7445", "[::1]:7445")
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:7446"
+# /readyz (not /healthz) because it turns 500 when etcd breaks behind a live apiserver.
+DEFAULT_HEALTH_PATH = "/readyz"
+# A SAN every kube-apiserver certificate carries, so probes of IP endpoints verify.
+DEFAULT_SERVER_NAME = "kubernetes"
+# 1 s probes with 2 failures to trip: a dead server is out in ~2-3 s, well inside
+# the ~40 s after which the node lifecycle controller marks the node NotReady.
+DEFAULT_INTERVAL = 1.0
+DEFAULT_TIMEOUT = 0.8
+DEFAULT_HEALTHY_THRESHOLD = 1
+DEFAULT_UNHEALTHY_THRESHOLD = 2
+# One lost SYN is retransmitted after 1 s; failing over to the next endpoint then is
+# faster than waiting for the retransmit to an endpoint that may be gone.
+DEFAULT_DIAL_TIMEOUT = 1.0
+# Keepalive on the upstream leg notices a silent peer on receive-only watch streams
+# (TCP_USER_TIMEOUT alone only counts while data is unacknowledged).
+DEFAULT_KEEPALIVE_IDLE = 5.0
+DEFAULT_KEEPALIVE_INTERVAL = 2.0
+DEFAULT_KEEPALIVE_COUNT = 3
+DEFAULT_TCP_USER_TIMEOUT = 10.0
+# Watches live for hours: no idle timeout unless the user asks for one.
+DEFAULT_IDLE_TIMEOUT = 0.0
+# Long watches never finish on their own; a short drain lets in-flight requests end.
+DEFAULT_DRAIN_TIMEOUT = 5.0
+# Two fds per connection; stays below common LimitNOFILE settings with headroom.
+DEFAULT_MAX_CONNECTIONS = 10000
+DEFAULT_DNS_REFRESH = 30.0
+# Plain-string upstreams sit in the middle so entries can be made better or worse.
+DEFAULT_PRIORITY = 100
+
+HealthType = Literal["https", "tcp"]
+Forwarding = Literal["splice", "copy"]
+
+
+class ConfigError(Exception):
+    """A configuration problem at one key path."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class HostPort:
+    """A host (IP literal or DNS name) and a TCP port."""
+
+    host: str
+    port: int
+
+    @property
+    def is_ip(self) -> bool:
+        """True when host is an IP literal rather than a name."""
+        return _ip_or_none(self.host) is not None
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSpec:
+    """One configured upstream: an address and its priority (lower is preferred)."""
+
+    address: HostPort
+    priority: int = DEFAULT_PRIORITY
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckConfig:
+    """Active health check settings."""
+
+    type: HealthType = "https"
+    path: str = DEFAULT_HEALTH_PATH
+    interval: float = DEFAULT_INTERVAL
+    timeout: float = DEFAULT_TIMEOUT
+    ca_file: str | None = None
+    server_name: str = DEFAULT_SERVER_NAME
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
+    healthy_threshold: int = DEFAULT_HEALTHY_THRESHOLD
+    unhealthy_threshold: int = DEFAULT_UNHEALTHY_THRESHOLD
+
+
+@dataclass(frozen=True, slots=True)
+class KeepaliveConfig:
+    """TCP keepalive on the upstream leg."""
+
+    idle: float = DEFAULT_KEEPALIVE_IDLE
+    interval: float = DEFAULT_KEEPALIVE_INTERVAL
+    count: int = DEFAULT_KEEPALIVE_COUNT
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The admin/metrics HTTP endpoint; ``listen`` None disables it."""
+
+    listen: HostPort | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    """Endpoint discovery settings."""
+
+    dns_refresh: float = DEFAULT_DNS_REFRESH
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole, validated daemon configuration."""
+
+    upstreams: tuple[UpstreamSpec, ...]
+    listen: tuple[HostPort, ...] = ()
+    allow_non_loopback: bool = False
+    health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
+    dial_timeout: float = DEFAULT_DIAL_TIMEOUT
+    forwarding: Forwarding = "splice"
+    tcp_keepalive: KeepaliveConfig = field(default_factory=KeepaliveConfig)
+    tcp_user_timeout: float = DEFAULT_TCP_USER_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    close_connections_on_unhealthy: bool = True
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+
+
+# ---------------------------------------------------------------- scalar parsers
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_HOSTPORT = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d+)$")
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$")
+
+
+def _ip_or_none(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def parse_duration(key: str, value: object) -> float:
+    """Parse a Go-style duration ("500ms", "2s", "1m30s") into seconds."""
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise ConfigError(key, f"expected a duration with a unit such as '500ms' or '2s', got {value!r}")
+    text = value.strip()
+    pos, total = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or not text:
+        raise ConfigError(key, f"bad duration {value!r}: use a number and a unit (ms, s, m, h)")
+    return total
+
+
+def parse_host_port(key: str, value: object, *, require_ip: bool = False) -> HostPort:
+    """Parse "host:port", "[v6]:port"; hosts may be names unless require_ip."""
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected \"host:port\", got {value!r}")
+    match = _HOSTPORT.match(value.strip())
+    if match is None:
+        raise ConfigError(key, f"bad address {value!r}: expected \"host:port\" or \"[ipv6]:port\"")
+    port = int(match["port"])
+    if not 1 <= port <= 65535:
+        raise ConfigError(key, f"bad port {port} in {value!r}: must be 1-65535")
+    host = match["v6"] or match["host"]
+    ip = _ip_or_none(host)
+    if match["v6"] and (ip is None or ip.version != 6):
+        raise ConfigError(key, f"bad IPv6 address {host!r} in {value!r}")
+    if ip is None and (require_ip or not _HOSTNAME.match(host)):
+        wanted = "an IP address" if require_ip else "an IP address or DNS name"
+        raise ConfigError(key, f"bad host {host!r} in {value!r}: expected {wanted}")
+    return HostPort(str(ip) if ip is not None else host.lower(), port)
+
+
+def is_loopback(address: HostPort) -> bool:
+    """True for 127.0.0.0/8 and ::1."""
+    ip = _ip_or_none(address.host)
+    return ip is not None and ip.is_loopback
+
+
+# ---------------------------------------------------------------- section reader
+
+T = TypeVar("T")
+
+
+class _Section:
+    """A YAML mapping being read; remembers its key path and which keys were used."""
+
+    def __init__(self, path: str, data: object) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(path, f"expected a mapping, got {type(data).__name__} {data!r}")
+        self.path = path
+        self.data: Mapping[Any, Any] = data
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def get(self, name: str, parse: Callable[[str, object], T], default: T) -> T:
+        self.used.add(name)
+        if name not in self.data or self.data[name] is None:
+            return default
+        return parse(self.key(name), self.data[name])
+
+    def section(self, name: str) -> _Section:
+        self.used.add(name)
+        return _Section(self.key(name), self.data.get(name))
+
+    def finish(self) -> None:
+        """Reject keys nobody asked for: a typo must not silently mean 'default'."""
+        for name in self.data:
+            if name not in self.used:
+                known = ", ".join(sorted(self.used))
+                raise ConfigError(self.key(str(name)), f"unknown key (known keys here: {known})")
+
+
+def _bool(key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    return value
+
+
+def _int_in(low: int, high: int) -> Callable[[str, object], int]:
+    def parse(key: str, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(key, f"expected a whole number from {low} to {high}, got {value!r}")
+        return value
+
+    return parse
+
+
+def _choice(*options: str) -> Callable[[str, object], str]:
+    def parse(key: str, value: object) -> str:
+        if value not in options:
+            raise ConfigError(key, f"expected one of {', '.join(options)}, got {value!r}")
+        return str(value)
+
+    return parse
+
+
+def _str(key: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _url_path(key: str, value: object) -> str:
+    path = _str(key, value)
+    if not path.startswith("/"):
+        raise ConfigError(key, f"expected an absolute URL path such as /readyz, got {value!r}")
+    return path
+
+
+def _positive_duration(key: str, value: object) -> float:
+    seconds = parse_duration(key, value)
+    if seconds <= 0:
+        raise ConfigError(key, f"must be greater than zero, got {value!r}")
+    return seconds
+
+
+def _readable_file(key: str, value: object) -> str:
+    path = _str(key, value)
+    if not Path(path).is_file():
+        raise ConfigError(key, f"file {path!r} does not exist or is not a regular file")
+    return path
+
+
+# ---------------------------------------------------------------- sections
+
+
+def _upstream(key: str, value: object) -> UpstreamSpec:
+    if isinstance(value, str):
+        return UpstreamSpec(parse_host_port(key, value))
+    entry = _Section(key, value)
+    if "address" not in entry.data:
+        raise ConfigError(key, "an upstream entry needs an 'address' (or write it as a plain string)")
+    spec = UpstreamSpec(
+        address=entry.get("address", parse_host_port, HostPort("", 0)),
+        priority=entry.get("priority", _int_in(0, 1_000_000), DEFAULT_PRIORITY),
+    )
+    entry.finish()
+    return spec
+
+
+def _upstreams(key: str, value: object) -> tuple[UpstreamSpec, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(key, f"expected a non-empty list of \"host:port\" entries, got {value!r}")
+    specs = tuple(_upstream(f"{key}[{i}]", item) for i, item in enumerate(value))
+    seen: set[HostPort] = set()
+    for i, spec in enumerate(specs):
+        if spec.address in seen:
+            raise ConfigError(f"{key}[{i}]", f"duplicate upstream {spec.address}")
+        seen.add(spec.address)
+    return specs
+
+
+def _listen_list(key: str, value: object) -> tuple[HostPort, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(key, f"expected a non-empty list of \"ip:port\" entries, got {value!r}")
+    addrs = tuple(parse_host_port(f"{key}[{i}]", v, require_ip=True) for i, v in enumerate(value))
+    if len(set(addrs)) != len(addrs):
+        raise ConfigError(key, f"duplicate listen address in {value!r}")
+    return addrs
+
+
+def _health_check(section: _Section) -> HealthCheckConfig:
+    hc = HealthCheckConfig(
+        type=section.get("type", _choice("https", "tcp"), "https"),  # type: ignore[arg-type]
+        path=section.get("path", _url_path, DEFAULT_HEALTH_PATH),
+        interval=section.get("interval", _positive_duration, DEFAULT_INTERVAL),
+        timeout=section.get("timeout", _positive_duration, DEFAULT_TIMEOUT),
+        ca_file=section.get("caFile", _readable_file, None),
+        server_name=section.get("serverName", _str, DEFAULT_SERVER_NAME),
+        client_cert_file=section.get("clientCertFile", _readable_file, None),
+        client_key_file=section.get("clientKeyFile", _readable_file, None),
+        healthy_threshold=section.get("healthyThreshold", _int_in(1, 100), DEFAULT_HEALTHY_THRESHOLD),
+        unhealthy_threshold=section.get(
+            "unhealthyThreshold", _int_in(1, 100), DEFAULT_UNHEALTHY_THRESHOLD
+        ),
+    )
+    section.finish()
+    if hc.timeout >= hc.interval:
+        raise ConfigError(
+            section.key("timeout"),
+            f"{hc.timeout:g}s must be shorter than healthCheck.interval ({hc.interval:g}s), "
+            "or probes would overlap",
+        )
+    if (hc.client_cert_file is None) != (hc.client_key_file is None):
+        raise ConfigError(section.key("clientKeyFile"), "clientCertFile and clientKeyFile go together")
+    return hc
+
+
+def _keepalive(section: _Section) -> KeepaliveConfig:
+    ka = KeepaliveConfig(
+        idle=section.get("idle", _positive_duration, DEFAULT_KEEPALIVE_IDLE),
+        interval=section.get("interval", _positive_duration, DEFAULT_KEEPALIVE_INTERVAL),
+        count=section.get("count", _int_in(1, 127), DEFAULT_KEEPALIVE_COUNT),
+    )
+    section.finish()
+    return ka
+
+
+def _admin(section: _Section) -> AdminConfig:
+    listen = section.get(
+        "listen",
+        lambda k, v: None if v == "" else parse_host_port(k, v, require_ip=True),
+        parse_host_port("admin.listen", DEFAULT_ADMIN_LISTEN),
+    )
+    section.finish()
+    return AdminConfig(listen=listen)
+
+
+def _discovery(section: _Section) -> DiscoveryConfig:
+    dc = DiscoveryConfig(dns_refresh=section.get("dnsRefresh", _positive_duration, DEFAULT_DNS_REFRESH))
+    section.finish()
+    return dc
+
+
+def _check_loopback(cfg: Config) -> None:
+    if cfg.allow_non_loopback:
+        return
+    for i, addr in enumerate(cfg.listen):
+        if not is_loopback(addr):
+            raise ConfigError(
+                f"listen[{i}]",
+                f"{addr} is not a loopback address; a node-local balancer should not be "
+                "reachable from the network (set allowNonLoopback: true to accept it)",
+            )
+    if cfg.admin.listen is not None and not is_loopback(cfg.admin.listen):
+        raise ConfigError(
+            "admin.listen",
+            f"{cfg.admin.listen} is not a loopback address (set allowNonLoopback: true to accept it)",
+        )
+
+
+def config_from_dict(data: object) -> Config:
+    """Build a validated Config from parsed YAML."""
+    root = _Section("", data)
+    if "upstreams" not in root.data:
+        raise ConfigError("upstreams", "required: list the API servers, e.g. [\"10.0.0.10:6443\"]")
+    cfg = Config(
+        upstreams=root.get("upstreams", _upstreams, ()),
+        listen=root.get("listen", _listen_list, tuple(parse_host_port("listen", a) for a in DEFAULT_LISTEN)),
+        allow_non_loopback=root.get("allowNonLoopback", _bool, False),
+        health_check=_health_check(root.section("healthCheck")),
+        dial_timeout=root.get("dialTimeout", _positive_duration, DEFAULT_DIAL_TIMEOUT),
+        forwarding=root.get("forwarding", _choice("splice", "copy"), "splice"),  # type: ignore[arg-type]
+        tcp_keepalive=_keepalive(root.section("tcpKeepalive")),
+        tcp_user_timeout=root.get("tcpUserTimeout", _positive_duration, DEFAULT_TCP_USER_TIMEOUT),
+        idle_timeout=root.get("idleTimeout", parse_duration, DEFAULT_IDLE_TIMEOUT),
+        drain_timeout=root.get("drainTimeout", parse_duration, DEFAULT_DRAIN_TIMEOUT),
+        max_connections=root.get("maxConnections", _int_in(1, 1_000_000), DEFAULT_MAX_CONNECTIONS),
+        close_connections_on_unhealthy=root.get("closeConnectionsOnUnhealthy", _bool, True),
+        admin=_admin(root.section("admin")),
+        discovery=_discovery(root.section("discovery")),
+    )
+    root.finish()
+    _check_loopback(cfg)
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML config file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file {str(path)!r}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{path} is not valid YAML: {exc}") from exc
+    return config_from_dict(data)
+
+
+def _duration_text(seconds: float) -> str:
+    if seconds and seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    return f"{seconds:g}s"
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The effective config in the file's own vocabulary (for check-config)."""
+    hc, ka = cfg.health_check, cfg.tcp_keepalive
+    return {
+        "listen": [str(a) for a in cfg.listen],
+        "allowNonLoopback": cfg.allow_non_loopback,
+        "upstreams": [{"address": str(u.address), "priority": u.priority} for u in cfg.upstreams],
+        "healthCheck": {
+            "type": hc.type,
+            "path": hc.path,
+            "interval": _duration_text(hc.interval),
+            "timeout": _duration_text(hc.timeout),
+            "caFile": hc.ca_file,
+            "serverName": hc.server_name,
+            "clientCertFile": hc.client_cert_file,
+            "clientKeyFile": hc.client_key_file,
+            "healthyThreshold": hc.healthy_threshold,
+            "unhealthyThreshold": hc.unhealthy_threshold,
+        },
+        "dialTimeout": _duration_text(cfg.dial_timeout),
+        "forwarding": cfg.forwarding,
+        "tcpKeepalive": {
+            "idle": _duration_text(ka.idle),
+            "interval": _duration_text(ka.interval),
+            "count": ka.count,
+        },
+        "tcpUserTimeout": _duration_text(cfg.tcp_user_timeout),
+        "idleTimeout": _duration_text(cfg.idle_timeout),
+        "drainTimeout": _duration_text(cfg.drain_timeout),
+        "maxConnections": cfg.max_connections,
+        "closeConnectionsOnUnhealthy": cfg.close_connections_on_unhealthy,
+        "admin": {"listen": str(cfg.admin.listen) if cfg.admin.listen else ""},
+        "discovery": {"dnsRefresh": _duration_text(cfg.discovery.dns_refresh)},
+    }
