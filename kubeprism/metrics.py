@@ -1,0 +1,242 @@
+"""Prometheus metrics and the admin HTTP app (/metrics /healthz /readyz /upstreams).
+
+A private CollectorRegistry (never the global one) and a scrape-time
+collector that reads the pool and the proxy's plain counters, so the byte
+path never calls into the metrics library and nothing is mirrored.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterator
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kubeprism import __version__
+from kubeprism.config import HostPort
+from kubeprism.proxy import Proxy
+from kubeprism.upstream import TIER_BOUNDS, UNKNOWN_TIER, Endpoint, Health, Pool
+
+# Dial and probe latencies from loopback (~100 us) to another continent (~300 ms) and
+# timeouts (~1-2 s): decades with a midpoint resolve every tier boundary.
+LATENCY_BUCKETS = (
+    0.0001,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+)
+_TIER_NAMES = ("<0.1ms", "<1ms", "<10ms", "<100ms", "<1s", ">=1s")
+
+
+def tier_name(ep: Endpoint) -> str:
+    """Human name of an endpoint's latency tier."""
+    return "unknown" if ep.tier == UNKNOWN_TIER else _TIER_NAMES[ep.tier]
+
+
+assert len(_TIER_NAMES) == len(TIER_BOUNDS) + 1
+
+
+class Metrics:
+    """The private registry, the histograms fed by the daemon, and the state collector."""
+
+    def __init__(self, pool: Pool, proxy: Proxy) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.dial_seconds = Histogram(
+            "kubeprism_dial_duration_seconds",
+            "Time to connect to an upstream endpoint, by result.",
+            ["endpoint", "result"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.probe_seconds = Histogram(
+            "kubeprism_health_check_duration_seconds",
+            "Duration of active health checks, by result.",
+            ["endpoint", "result"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(StateCollector(pool, proxy))
+
+    def observe_dial(self, address: HostPort, seconds: float, ok: bool) -> None:
+        """Record one dial."""
+        self.dial_seconds.labels(str(address), "success" if ok else "failure").observe(seconds)
+
+    def observe_probe(self, address: HostPort, seconds: float, ok: bool) -> None:
+        """Record one health check."""
+        self.probe_seconds.labels(str(address), "healthy" if ok else "unhealthy").observe(seconds)
+
+    def exposition(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)
+
+
+class StateCollector(Collector):
+    """Reads endpoint and proxy state at scrape time."""
+
+    def __init__(self, pool: Pool, proxy: Proxy) -> None:
+        self.pool = pool
+        self.proxy = proxy
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._endpoint_metrics()
+        yield from self._proxy_metrics()
+        build = GaugeMetricFamily(
+            "kubeprism_build_info", "Build information.", labels=["version", "python"]
+        )
+        build.add_metric([__version__, platform.python_version()], 1)
+        yield build
+
+    def _endpoint_metrics(self) -> Iterator[Metric]:
+        lbl = ["endpoint"]
+        up = GaugeMetricFamily("kubeprism_upstream_up", "1 if the endpoint is healthy.", labels=lbl)
+        state = GaugeMetricFamily(
+            "kubeprism_upstream_state",
+            "Current health state (1 for the current one).",
+            labels=["endpoint", "state"],
+        )
+        info = GaugeMetricFamily(
+            "kubeprism_upstream_info",
+            "Endpoint sources and priority.",
+            labels=["endpoint", "sources", "priority"],
+        )
+        active = GaugeMetricFamily(
+            "kubeprism_upstream_active_connections", "Open connections per endpoint.", labels=lbl
+        )
+        total = CounterMetricFamily(
+            "kubeprism_upstream_connections", "Connections forwarded per endpoint.", labels=lbl
+        )
+        dial_fail = CounterMetricFamily(
+            "kubeprism_upstream_dial_failures", "Failed dials per endpoint.", labels=lbl
+        )
+        latency = GaugeMetricFamily(
+            "kubeprism_upstream_latency_seconds", "Smoothed health-check latency.", labels=lbl
+        )
+        tier = GaugeMetricFamily(
+            "kubeprism_upstream_latency_tier", "Latency tier, 0 = fastest.", labels=lbl
+        )
+        for ep in self.pool.endpoints.values():
+            name = [str(ep.address)]
+            up.add_metric(name, float(ep.health is Health.HEALTHY))
+            for h in Health:
+                state.add_metric([name[0], h.value], float(ep.health is h))
+            info.add_metric([name[0], ",".join(sorted(ep.sources)), str(ep.priority)], 1)
+            active.add_metric(name, ep.active)
+            total.add_metric(name, ep.connections_total)
+            dial_fail.add_metric(name, ep.dial_failures_total)
+            if ep.latency is not None:
+                latency.add_metric(name, ep.latency)
+            tier.add_metric(name, ep.tier)
+        yield from (up, state, info, active, total, dial_fail, latency, tier)
+        yield GaugeMetricFamily(
+            "kubeprism_panic_mode",
+            "1 while no endpoint is healthy and every endpoint is tried.",
+            value=float(self.pool.panic),
+        )
+        yield GaugeMetricFamily(
+            "kubeprism_endpoints", "Known endpoints.", value=len(self.pool.endpoints)
+        )
+        yield GaugeMetricFamily(
+            "kubeprism_healthy_endpoints", "Healthy endpoints.", value=self.pool.healthy_count
+        )
+
+    def _proxy_metrics(self) -> Iterator[Metric]:
+        st = self.proxy.stats
+        conns = CounterMetricFamily(
+            "kubeprism_connections", "Accepted client connections by result.", labels=["result"]
+        )
+        conns.add_metric(["forwarded"], st.forwarded)
+        conns.add_metric(["no_upstream"], st.no_upstream)
+        conns.add_metric(["rejected_limit"], st.rejected)
+        yield conns
+        closed = CounterMetricFamily(
+            "kubeprism_connections_closed",
+            "Connections closed by kubeprism, by reason.",
+            labels=["reason"],
+        )
+        closed.add_metric(["unhealthy"], st.closed_unhealthy)
+        closed.add_metric(["idle"], st.closed_idle)
+        closed.add_metric(["removed"], st.closed_removed)
+        yield closed
+        nbytes = CounterMetricFamily(
+            "kubeprism_forwarded_bytes", "Bytes forwarded, by direction.", labels=["direction"]
+        )
+        nbytes.add_metric(["client_to_upstream"], st.upstream_bytes.value)
+        nbytes.add_metric(["upstream_to_client"], st.client_bytes.value)
+        yield nbytes
+        yield GaugeMetricFamily(
+            "kubeprism_active_connections", "Open client connections.", value=self.proxy.active
+        )
+        yield CounterMetricFamily(
+            "kubeprism_accept_errors", "Failed accept() calls.", value=st.accept_errors
+        )
+        mode = GaugeMetricFamily(
+            "kubeprism_forwarding_mode", "Configured forwarding mode (1 = active).", labels=["mode"]
+        )
+        for m in ("splice", "copy"):
+            mode.add_metric([m], float(self.proxy.mode == m))
+        yield mode
+        yield GaugeMetricFamily(
+            "kubeprism_pipes_free", "Idle pipes in the splice pool.", value=self.proxy.pipes.free
+        )
+
+
+def endpoint_view(ep: Endpoint) -> dict[str, Any]:
+    """One endpoint as shown by /upstreams and `kubeprism status`."""
+    return {
+        "address": str(ep.address),
+        "sources": sorted(ep.sources),
+        "priority": ep.priority,
+        "state": ep.health.value,
+        "reason": ep.reason,
+        "latencySeconds": ep.latency,
+        "tier": tier_name(ep),
+        "activeConnections": ep.active,
+        "connectionsTotal": ep.connections_total,
+        "dialFailuresTotal": ep.dial_failures_total,
+    }
+
+
+def admin_app(pool: Pool, metrics: Metrics) -> web.Application:
+    """The admin HTTP application."""
+
+    async def handle_metrics(_: web.Request) -> web.Response:
+        resp = web.Response(body=metrics.exposition())
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
+    async def handle_healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def handle_readyz(_: web.Request) -> web.Response:
+        healthy, total = pool.healthy_count, len(pool.endpoints)
+        text = f"{healthy}/{total} endpoints healthy\n"
+        return web.Response(status=200 if healthy else 503, text=text)
+
+    async def handle_upstreams(_: web.Request) -> web.Response:
+        body = {
+            "panic": pool.panic,
+            "healthy": pool.healthy_count,
+            "endpoints": [endpoint_view(ep) for ep in pool.endpoints.values()],
+        }
+        return web.json_response(body)
+
+    app = web.Application()
+    app.router.add_get("/metrics", handle_metrics)
+    app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/readyz", handle_readyz)
+    app.router.add_get("/upstreams", handle_upstreams)
+    return app

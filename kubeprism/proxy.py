@@ -1,0 +1,391 @@
+"""Listener, accept, pick-and-dial with failover, per-connection lifecycle, drain.
+
+Sockets here are raw and non-blocking, driven by readiness callbacks; the
+upstream core (upstream.Pool) decides where to go, this module only dials,
+pumps and reports back what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kubeprism.config import HostPort
+from kubeprism.splice import ByteCounter, Mode, PipePool, Pump
+from kubeprism.upstream import Health, Pool, Transition
+
+logger = logging.getLogger(__name__)
+
+# Accepts per readiness event: bounds the time one burst holds the loop.
+ACCEPT_BATCH = 64
+# After EMFILE/ENFILE, wait this long before accepting again: no busy loop, and
+# the listener comes back by itself once descriptors are free.
+ACCEPT_BACKOFF = 0.1
+_ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
+# SO_LINGER {on, 0 s}: close with RST, so a dead upstream leaves no FIN_WAIT behind.
+_LINGER_RST = struct.pack("ii", 1, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    """The slice of the config the proxy needs."""
+
+    dial_timeout: float
+    mode: Mode
+    keepalive_idle: float
+    keepalive_interval: float
+    keepalive_count: int
+    user_timeout: float
+    max_connections: int
+    idle_timeout: float
+    close_on_unhealthy: bool
+
+
+@dataclass
+class ProxyStats:
+    """Plain counters, read by the metrics collector at scrape time."""
+
+    accepted: int = 0
+    forwarded: int = 0
+    no_upstream: int = 0
+    rejected: int = 0
+    accept_errors: int = 0
+    closed_unhealthy: int = 0
+    closed_idle: int = 0
+    closed_removed: int = 0
+    dial_failures: int = 0
+    upstream_bytes: ByteCounter = field(default_factory=ByteCounter)  # client -> upstream
+    client_bytes: ByteCounter = field(default_factory=ByteCounter)  # upstream -> client
+
+
+DialObserver = Callable[[HostPort, float, bool], None]
+
+
+class Connection:
+    """One proxied client connection and the upstream connection serving it."""
+
+    __slots__ = ("_proxy", "address", "client", "closed", "idle_mark", "pumps", "upstream")
+
+    def __init__(
+        self, proxy: Proxy, client: socket.socket, upstream: socket.socket, address: HostPort
+    ) -> None:
+        self._proxy = proxy
+        self.client, self.upstream, self.address = client, upstream, address
+        self.closed = False
+        self.idle_mark = -1
+        p = proxy
+        self.pumps = (
+            Pump(
+                p.loop,
+                client,
+                upstream,
+                p.mode,
+                p.pipes,
+                p.scratch,
+                p.stats.upstream_bytes,
+                self._done,
+            ),
+            Pump(
+                p.loop,
+                upstream,
+                client,
+                p.mode,
+                p.pipes,
+                p.scratch,
+                p.stats.client_bytes,
+                self._done,
+            ),
+        )
+
+    @property
+    def moved(self) -> int:
+        """Bytes moved in both directions so far."""
+        return self.pumps[0].moved + self.pumps[1].moved
+
+    def start(self) -> None:
+        """Start both directions."""
+        for pump in self.pumps:
+            pump.start()
+
+    def _done(self, pump: Pump, exc: OSError | None) -> None:
+        # A reset or write error ends the whole connection; a FIN ends one direction.
+        if exc is not None or all(p.done for p in self.pumps):
+            self.close()
+
+    def close(self, reset_upstream: bool = False) -> None:
+        """Stop both pumps, then close both sockets (pumps first: fds get reused)."""
+        if self.closed:
+            return
+        self.closed = True
+        for pump in self.pumps:
+            pump.stop()
+        if reset_upstream:
+            _set_linger_rst(self.upstream)
+        self.client.close()
+        self.upstream.close()
+        self._proxy._forget(self)
+
+
+class Proxy:
+    """Accepts client connections and forwards each to an upstream endpoint."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        pool: Pool,
+        settings: ProxySettings,
+        on_transition: Callable[[Transition], None],
+        observe_dial: DialObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.loop = loop
+        self.pool = pool
+        self.settings = settings
+        self.mode: Mode = settings.mode
+        self.pipes = PipePool()
+        self.scratch = bytearray(65536 * 4)
+        self.stats = ProxyStats()
+        self._on_transition = on_transition
+        self._observe_dial = observe_dial or (lambda _a, _s, _ok: None)
+        self._clock = clock
+        self._listeners: list[socket.socket] = []
+        self._by_endpoint: dict[HostPort, set[Connection]] = {}
+        self._dialing: set[asyncio.Task[None]] = set()
+        self._count = 0
+        self._idle_task: asyncio.Task[None] | None = None
+        self._drained = asyncio.Event()
+
+    # ------------------------------------------------------------ listening
+
+    @property
+    def active(self) -> int:
+        """Client connections being dialed or forwarded."""
+        return self._count
+
+    def serve(self, listeners: list[socket.socket]) -> None:
+        """Start accepting on already bound, listening sockets."""
+        for lsock in listeners:
+            lsock.setblocking(False)
+            self._listeners.append(lsock)
+            self.loop.add_reader(lsock.fileno(), self._on_accept, lsock)
+        if self.settings.idle_timeout > 0 and self._idle_task is None:
+            self._idle_task = self.loop.create_task(self._idle_sweeper(), name="idle sweeper")
+
+    def stop_accepting(self) -> None:
+        """Stop taking new connections; the listening sockets stay open for the owner."""
+        for lsock in self._listeners:
+            self.loop.remove_reader(lsock.fileno())
+        self._listeners.clear()
+
+    def _on_accept(self, lsock: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                client, _peer = lsock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._accept_failed(lsock, exc)
+                return
+            self._admit(client)
+
+    def _accept_failed(self, lsock: socket.socket, exc: OSError) -> None:
+        self.stats.accept_errors += 1
+        if exc.errno == errno.ECONNABORTED:
+            return
+        if exc.errno in _ACCEPT_RESOURCE_ERRORS:
+            logger.warning("accept failed (%s); pausing accepts for %.1fs", exc, ACCEPT_BACKOFF)
+        else:
+            logger.error("accept failed unexpectedly (%s); pausing accepts", exc)
+        self.loop.remove_reader(lsock.fileno())
+        self.loop.call_later(ACCEPT_BACKOFF, self._resume_accept, lsock)
+
+    def _resume_accept(self, lsock: socket.socket) -> None:
+        if lsock in self._listeners and lsock.fileno() >= 0:
+            self.loop.add_reader(lsock.fileno(), self._on_accept, lsock)
+
+    def _admit(self, client: socket.socket) -> None:
+        self.stats.accepted += 1
+        if self._count >= self.settings.max_connections:
+            self.stats.rejected += 1
+            _set_linger_rst(client)
+            client.close()
+            return
+        client.setblocking(False)
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._count += 1
+        self._drained.clear()
+        task = self.loop.create_task(self._connect(client), name=f"dial for fd {client.fileno()}")
+        self._dialing.add(task)
+        task.add_done_callback(self._dialing.discard)
+
+    # ------------------------------------------------------------ dialing
+
+    async def _connect(self, client: socket.socket) -> None:
+        """Dial candidates in order until one accepts; the client never sees a refusal."""
+        try:
+            for endpoint in self.pool.candidates():
+                upstream = await self._try_dial(endpoint.address)
+                if upstream is not None:
+                    self._start(client, upstream, endpoint.address)
+                    return
+            self.stats.no_upstream += 1
+            logger.debug("no upstream accepted a connection; closing the client")
+        except asyncio.CancelledError:
+            client.close()
+            self._release()
+            raise
+        client.close()
+        self._release()
+
+    async def _try_dial(self, address: HostPort) -> socket.socket | None:
+        started = self._clock()
+        try:
+            upstream = await self._dial(address)
+        except (OSError, TimeoutError) as exc:
+            elapsed = self._clock() - started
+            self.stats.dial_failures += 1
+            self._observe_dial(address, elapsed, False)
+            reason = "dial timed out" if isinstance(exc, TimeoutError) else f"dial failed: {exc}"
+            transition = self.pool.record_dial(address, False, reason, self._clock())
+            if transition is not None:
+                self._on_transition(transition)
+            return None
+        self._observe_dial(address, self._clock() - started, True)
+        return upstream
+
+    async def _dial(self, address: HostPort) -> socket.socket:
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            self._tune_upstream(sock)
+            err = sock.connect_ex((address.host, address.port))
+            if err == errno.EINPROGRESS:
+                async with asyncio.timeout(self.settings.dial_timeout):
+                    await self._writable(sock)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, errno.errorcode.get(err, str(err)))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _writable(self, sock: socket.socket) -> None:
+        fut: asyncio.Future[None] = self.loop.create_future()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        self.loop.add_writer(sock.fileno(), ready)
+        try:
+            await fut
+        finally:
+            self.loop.remove_writer(sock.fileno())
+
+    def _tune_upstream(self, sock: socket.socket) -> None:
+        s = self.settings
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, round(s.keepalive_idle)))
+        sock.setsockopt(
+            socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, round(s.keepalive_interval))
+        )
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, s.keepalive_count)
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, int(s.user_timeout * 1000))
+
+    # ------------------------------------------------------------ connections
+
+    def _start(self, client: socket.socket, upstream: socket.socket, address: HostPort) -> None:
+        self.stats.forwarded += 1
+        self.pool.opened(address)
+        conn = Connection(self, client, upstream, address)
+        self._by_endpoint.setdefault(address, set()).add(conn)
+        conn.start()
+
+    def _forget(self, conn: Connection) -> None:
+        """Called once by Connection.close()."""
+        conns = self._by_endpoint.get(conn.address)
+        if conns is not None:
+            conns.discard(conn)
+            if not conns:
+                del self._by_endpoint[conn.address]
+        self.pool.closed(conn.address)
+        self._release()
+
+    def _release(self) -> None:
+        self._count -= 1
+        if self._count == 0:
+            self._drained.set()
+
+    def connections_to(self, address: HostPort) -> int:
+        """Live connections forwarded to ``address``."""
+        return len(self._by_endpoint.get(address, ()))
+
+    def close_connections_to(self, address: HostPort, why: str) -> int:
+        """Close every client connection forwarded to ``address``; return how many."""
+        conns = list(self._by_endpoint.get(address, ()))
+        for conn in conns:
+            conn.close(reset_upstream=True)
+        if conns:
+            logger.info("closed %d connection(s) to %s: %s", len(conns), address, why)
+        return len(conns)
+
+    def handle_transition(self, transition: Transition) -> None:
+        """Close the connections of an endpoint that just turned unhealthy (if enabled)."""
+        if self.settings.close_on_unhealthy and transition.new is Health.UNHEALTHY:
+            self.stats.closed_unhealthy += self.close_connections_to(
+                transition.address, f"endpoint unhealthy ({transition.reason})"
+            )
+
+    async def _idle_sweeper(self) -> None:
+        """Close connections that moved no byte for idle_timeout (off by default)."""
+        period = max(0.05, self.settings.idle_timeout / 2)
+        while True:
+            await asyncio.sleep(period)
+            for conns in list(self._by_endpoint.values()):
+                for conn in list(conns):
+                    if conn.moved == conn.idle_mark:
+                        self.stats.closed_idle += 1
+                        conn.close()
+                    conn.idle_mark = conn.moved
+
+    # ------------------------------------------------------------ shutdown
+
+    async def wait_drained(self) -> None:
+        """Return once no client connection is open."""
+        if self._count:
+            await self._drained.wait()
+
+    def close_all(self) -> int:
+        """Close every connection and cancel dials in progress; return how many were open."""
+        left = self._count
+        for task in self._dialing:
+            task.cancel()
+        for conns in list(self._by_endpoint.values()):
+            for conn in list(conns):
+                conn.close()
+        if self._idle_task is not None:
+            self._idle_task.cancel()
+            self._idle_task = None
+        self.pipes.close()
+        return left
+
+    async def wait_dials(self) -> None:
+        """Wait for dial tasks (cancelled by close_all) to finish unwinding."""
+        if self._dialing:
+            await asyncio.gather(*self._dialing, return_exceptions=True)
+
+
+def _set_linger_rst(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)

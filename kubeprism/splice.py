@@ -1,0 +1,319 @@
+"""Byte pumps between two raw non-blocking sockets: zero-copy splice(2), copy fallback.
+
+This and proxy.py are the only modules that touch file descriptors. A
+:class:`Pump` moves one direction of a connection from readiness callbacks
+(``add_reader``/``add_writer``), never through asyncio transports: uvloop
+crashes when one socket is driven both ways. Pipes are borrowed from a
+:class:`PipePool` only while bytes are in flight, so an idle connection holds
+no pipe at all (thousands of idle watches would otherwise pin thousands of
+pipes and run into the kernel's per-user pipe page limit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import Literal
+
+logger = logging.getLogger(__name__)
+
+# 1 MiB pipes let one splice move a large chunk per wakeup (measured ~1.4x haproxy
+# bulk with this size); capped by /proc/sys/fs/pipe-max-size if that is lower.
+PIPE_SIZE = 1 << 20
+# Enough free pipes for the connections that are busy at any moment; more are
+# closed on return so a burst does not pin pipe pages for good.
+PIPE_POOL_KEEP = 64
+# Copy-mode read size: large enough for bulk, shared by every pump (single thread).
+SCRATCH_SIZE = 256 * 1024
+# splice errors that mean "this fd pair cannot splice", not "the peer went away".
+_SPLICE_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF}
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+Mode = Literal["splice", "copy"]
+Pipe = tuple[int, int]
+DoneCallback = Callable[["Pump", "OSError | None"], None]
+
+
+def splice_supported() -> bool:
+    """True where os.splice exists (Linux, Python >= 3.10)."""
+    return hasattr(os, "splice")
+
+
+class PipePool:
+    """Non-blocking pipes, sized once, handed out while data is in flight."""
+
+    def __init__(self, size: int = PIPE_SIZE, keep: int = PIPE_POOL_KEEP) -> None:
+        self.size = size
+        self.keep = keep
+        self.created = 0
+        self._free: list[Pipe] = []
+
+    def get(self) -> Pipe:
+        """A pipe with nothing in it."""
+        if self._free:
+            return self._free.pop()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Over pipe-max-size or the per-user soft limit the default size still works.
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(w, _F_SETPIPE_SZ, self.size)
+        self.created += 1
+        return r, w
+
+    def put(self, pipe: Pipe) -> None:
+        """Return an empty pipe."""
+        if len(self._free) < self.keep:
+            self._free.append(pipe)
+        else:
+            _close_pipe(pipe)
+
+    @property
+    def free(self) -> int:
+        """Pipes idle in the pool."""
+        return len(self._free)
+
+    def close(self) -> None:
+        """Close every pooled pipe."""
+        while self._free:
+            _close_pipe(self._free.pop())
+
+
+def _close_pipe(pipe: Pipe) -> None:
+    os.close(pipe[0])
+    os.close(pipe[1])
+
+
+class ByteCounter:
+    """A plain integer counter: the byte path must not call a metrics library."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+class Pump:
+    """Moves bytes from ``src`` to ``dst`` until EOF, then half-closes ``dst``."""
+
+    __slots__ = (
+        "_backlog",
+        "_loop",
+        "_on_done",
+        "_pipe",
+        "_pipes",
+        "_reading",
+        "_scratch",
+        "_writing",
+        "counter",
+        "done",
+        "dst",
+        "dst_fd",
+        "mode",
+        "moved",
+        "pending",
+        "src",
+        "src_fd",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        src: socket.socket,
+        dst: socket.socket,
+        mode: Mode,
+        pipes: PipePool,
+        scratch: bytearray,
+        counter: ByteCounter,
+        on_done: DoneCallback,
+    ) -> None:
+        self._loop = loop
+        self.src, self.dst = src, dst
+        self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
+        self.mode: Mode = mode if splice_supported() else "copy"
+        self._pipes = pipes
+        self._scratch = scratch
+        self.counter = counter
+        self._on_done = on_done
+        self._pipe: Pipe | None = None
+        self._backlog = b""
+        self.pending = 0  # bytes sitting in the borrowed pipe
+        self.moved = 0
+        self.done = False
+        self._reading = False
+        self._writing = False
+
+    def start(self) -> None:
+        """Begin forwarding."""
+        self._want_read(True)
+
+    def stop(self) -> None:
+        """Stop forwarding at once (the connection is being closed)."""
+        self.done = True
+        self._want_read(False)
+        self._want_write(False)
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            # A pipe that still holds bytes must not go back to the pool.
+            _close_pipe(pipe) if self.pending else self._pipes.put(pipe)
+            self.pending = 0
+
+    @property
+    def holds_pipe(self) -> bool:
+        """True while a pipe is borrowed (for tests and gauges)."""
+        return self._pipe is not None
+
+    # ------------------------------------------------------------ readiness
+
+    def _want_read(self, on: bool) -> None:
+        if on and not self._reading:
+            self._loop.add_reader(self.src_fd, self._on_readable)
+        elif not on and self._reading:
+            self._loop.remove_reader(self.src_fd)
+        self._reading = on
+
+    def _want_write(self, on: bool) -> None:
+        if on and not self._writing:
+            self._loop.add_writer(self.dst_fd, self._on_writable)
+        elif not on and self._writing:
+            self._loop.remove_writer(self.dst_fd)
+        self._writing = on
+
+    def _on_readable(self) -> None:
+        try:
+            if self.mode == "splice":
+                self._splice_in()
+            else:
+                self._copy_in()
+        except OSError as exc:
+            self._finish(exc)
+
+    def _on_writable(self) -> None:
+        try:
+            flushed = self._splice_out() if self._pipe is not None else self._copy_out()
+        except OSError as exc:
+            self._finish(exc)
+            return
+        if flushed:
+            self._want_write(False)
+            self._want_read(True)
+
+    # ------------------------------------------------------------ splice path
+
+    def _splice_in(self) -> None:
+        if self._pipe is None:
+            self._pipe = self._pipes.get()
+        try:
+            n = os.splice(self.src_fd, self._pipe[1], self._pipes.size, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            self._release_pipe()
+            return
+        except OSError as exc:
+            if exc.errno not in _SPLICE_UNSUPPORTED:
+                raise
+            self._fall_back(exc)
+            return
+        if n == 0:
+            self._release_pipe()
+            self._eof()
+            return
+        self.pending += n
+        if not self._splice_out():
+            self._want_read(False)
+            self._want_write(True)
+
+    def _splice_out(self) -> bool:
+        """Drain the pipe into dst; True when empty, False when dst is full."""
+        assert self._pipe is not None
+        while self.pending:
+            try:
+                n = os.splice(self._pipe[0], self.dst_fd, self.pending, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                if exc.errno not in _SPLICE_UNSUPPORTED:
+                    raise
+                self._fall_back(exc)
+                return not self._backlog
+            self.pending -= n
+            self.moved += n
+            self.counter.value += n
+        self._release_pipe()
+        return True
+
+    def _release_pipe(self) -> None:
+        if self._pipe is not None and not self.pending:
+            self._pipes.put(self._pipe)
+            self._pipe = None
+
+    def _fall_back(self, exc: OSError) -> None:
+        """Switch this pump to copying, keeping any bytes already in the pipe."""
+        logger.warning("splice failed (%s); copying bytes for this connection instead", exc)
+        self.mode = "copy"
+        if self._pipe is not None:
+            chunks = []
+            while self.pending:
+                chunk = os.read(self._pipe[0], self.pending)
+                self.pending -= len(chunk)
+                chunks.append(chunk)
+            self._backlog = b"".join(chunks)
+            self._release_pipe()
+
+    # ------------------------------------------------------------ copy path
+
+    def _copy_in(self) -> None:
+        try:
+            n = self.src.recv_into(self._scratch)
+        except BlockingIOError:
+            return
+        if n == 0:
+            self._eof()
+            return
+        view = memoryview(self._scratch)[:n]
+        try:
+            sent = self.dst.send(view)
+        except BlockingIOError:
+            sent = 0
+        self._count(sent)
+        if sent < n:
+            # The scratch buffer is shared: keep only the unsent tail, privately.
+            self._backlog = bytes(view[sent:])
+            self._want_read(False)
+            self._want_write(True)
+
+    def _copy_out(self) -> bool:
+        """Send the backlog; True when it is all sent."""
+        try:
+            sent = self.dst.send(self._backlog)
+        except BlockingIOError:
+            return False
+        self._count(sent)
+        self._backlog = self._backlog[sent:]
+        return not self._backlog
+
+    def _count(self, n: int) -> None:
+        self.moved += n
+        self.counter.value += n
+
+    # ------------------------------------------------------------ the end
+
+    def _eof(self) -> None:
+        """The source sent FIN: pass it on (half-close) and report."""
+        try:
+            self.dst.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                self._finish(exc)
+                return
+        self._finish(None)
+
+    def _finish(self, exc: OSError | None) -> None:
+        if self.done:
+            return
+        self.stop()
+        self._on_done(self, exc)
