@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import socket
 import struct
 import time
@@ -253,7 +254,11 @@ class Proxy:
             elapsed = self._clock() - started
             self.stats.dial_failures += 1
             self._observe_dial(address, elapsed, False)
-            reason = "dial timed out" if isinstance(exc, TimeoutError) else f"dial failed: {exc}"
+            reason = (
+                f"dial timed out after {self.settings.dial_timeout:g}s"
+                if isinstance(exc, TimeoutError)
+                else f"dial failed: {(exc.strerror or str(exc)).lower()}"
+            )
             transition = self.pool.record_dial(address, False, reason, self._clock())
             if transition is not None:
                 self._on_transition(transition)
@@ -273,7 +278,7 @@ class Proxy:
                     await self._writable(sock)
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
-                raise OSError(err, errno.errorcode.get(err, str(err)))
+                raise OSError(err, os.strerror(err))
         except BaseException:
             sock.close()
             raise

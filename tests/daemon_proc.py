@@ -90,8 +90,17 @@ class DaemonProcess:
 
     def argv(self) -> list[str]:
         """The command line."""
-        return [sys.executable, "-m", "kubeprism", "--log-level", "debug", *self.extra_args,
-                "run", "--config", str(self.config_path)]
+        return [
+            sys.executable,
+            "-m",
+            "kubeprism",
+            "--log-level",
+            "debug",
+            *self.extra_args,
+            "run",
+            "--config",
+            str(self.config_path),
+        ]
 
     def start(self, wait: bool = True) -> DaemonProcess:
         """Write the config, start the process, and (by default) wait for /healthz."""
@@ -100,7 +109,11 @@ class DaemonProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env=env,
                 preexec_fn=self.preexec_fn,
             )
         if wait:
@@ -174,8 +187,9 @@ class DaemonProcess:
     def wait_state(self, address: str, state: str, timeout: float = 10.0) -> float:
         """Poll until the endpoint reaches ``state``; return the seconds it took."""
         started = time.monotonic()
-        wait_for(lambda: self.state_of(address) == state, timeout, 0.02,
-                 f"{address} becomes {state}")
+        wait_for(
+            lambda: self.state_of(address) == state, timeout, 0.02, f"{address} becomes {state}"
+        )
         return time.monotonic() - started
 
     async def aadmin(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:

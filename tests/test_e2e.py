@@ -86,7 +86,9 @@ async def test_kubectl_get_version_through_kubeprism(
 ) -> None:
     a, b = two_standins
     daemon = await daemon_factory(base_config([addr(a), addr(b)], healthCheck=hc_config(pki)))
-    argv = kubectl_argv(f"https://127.0.0.1:{daemon.port}", pki.paths.ca, "get", "--raw", "/version")
+    argv = kubectl_argv(
+        f"https://127.0.0.1:{daemon.port}", pki.paths.ca, "get", "--raw", "/version"
+    )
     rc, out, err = await run_kubectl(argv, tmp_path)
     assert rc == 0, err
     version = json.loads(out)
@@ -101,7 +103,9 @@ async def test_kubectl_get_version_through_kubeprism(
 async def test_bulk_integrity_both_directions(mode: str, daemon_factory: Any) -> None:
     async with SinkServer() as sink, SourceServer() as source:
         tcp = {"type": "tcp"}
-        up_daemon = await daemon_factory(base_config([addr(sink)], forwarding=mode, healthCheck=tcp))
+        up_daemon = await daemon_factory(
+            base_config([addr(sink)], forwarding=mode, healthCheck=tcp)
+        )
         down_daemon = await daemon_factory(
             base_config([addr(source)], forwarding=mode, healthCheck=tcp)
         )
@@ -111,8 +115,14 @@ async def test_bulk_integrity_both_directions(mode: str, daemon_factory: Any) ->
         for daemon in (up_daemon, down_daemon):
             metrics = await daemon.ametrics()
             assert f'kubeprism_forwarding_mode{{mode="{mode}"}} 1.0' in metrics
-        assert _sample(await up_daemon.ametrics(), "kubeprism_forwarded_bytes_total",
-                       direction="client_to_upstream") == BULK
+        assert (
+            _sample(
+                await up_daemon.ametrics(),
+                "kubeprism_forwarded_bytes_total",
+                direction="client_to_upstream",
+            )
+            == BULK
+        )
 
 
 def _sample(text: str, name: str, **labels: str) -> float:
@@ -160,3 +170,207 @@ async def _closed(writer: asyncio.StreamWriter) -> None:
         await writer.wait_closed()
     except (ConnectionError, OSError):
         pass
+
+
+# ------------------------------------------------------------------ half-close
+
+
+async def test_half_close_client_side(daemon_factory: Any) -> None:
+    """Client FIN reaches the upstream; the upstream's reply still flows back."""
+    async with EchoServer() as echo:
+        daemon = await daemon_factory(base_config([addr(echo)], healthCheck={"type": "tcp"}))
+        reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+        payload = b"x" * 300_000
+        writer.write(payload)
+        writer.write_eof()  # half-close: the echo server sees EOF, flushes, then FINs
+        received = await asyncio.wait_for(reader.read(), 10)
+        assert received == payload
+        writer.close()
+        await _closed(writer)
+
+
+async def test_half_close_upstream_side(daemon_factory: Any) -> None:
+    """Upstream FIN reaches the client; the client can still send afterwards."""
+    async with SourceServer() as source:
+        daemon = await daemon_factory(base_config([addr(source)], healthCheck={"type": "tcp"}))
+        reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+        writer.write(b"1000\n")
+        assert await asyncio.wait_for(reader.read(), 10) == b"".join(data_chunks(1000))
+        # Our direction is still open: the source keeps reading until we close.
+        writer.write(b"still here")
+        await writer.drain()
+        await eventually(lambda: source.sent == [1000], message="source finished sending")
+        writer.close()
+        await _closed(writer)
+        await eventually(lambda: source.active == 0, message="source saw our close")
+
+
+# ------------------------------------------------------------------ failover and selection
+
+
+async def test_refused_upstream_is_skipped_transparently(
+    pki: TestPKI, standin_factory: Any, daemon_factory: Any
+) -> None:
+    """A healthy-looking endpoint that refuses: every client is still served by the other."""
+    a, b = await standin_factory("A"), await standin_factory("B")
+    # Probes every 30 s: only the passive check (real dials) can notice A going away.
+    cfg = base_config(
+        [{"address": addr(a), "priority": 0}, {"address": addr(b), "priority": 1}],
+        healthCheck=hc_config(pki, interval="30s", timeout="1s"),
+    )
+    daemon = await daemon_factory(cfg)
+    await daemon.await_state(addr(a), "healthy")
+    await daemon.await_state(addr(b), "healthy")
+    await a.close()
+    async with client_session(pki) as session:
+        assert await served_by(session, daemon.port, 10) == ["B"] * 10
+    ups = await daemon.aupstreams()
+    assert ups[addr(a)]["state"] == "unhealthy"
+    assert ups[addr(a)]["dialFailuresTotal"] >= 2
+    assert "refused" in ups[addr(a)]["reason"]
+
+
+async def test_readyz_500_endpoint_gets_no_new_connections(
+    pki: TestPKI, two_standins: Any, daemon_factory: Any
+) -> None:
+    a, b = two_standins
+    daemon = await daemon_factory(base_config([addr(a), addr(b)], healthCheck=hc_config(pki)))
+    await daemon.await_state(addr(a), "healthy")
+    a.ready_status = 500
+    await daemon.await_state(addr(a), "unhealthy")
+    ups = await daemon.aupstreams()
+    assert "HTTP 500" in ups[addr(a)]["reason"]
+    async with client_session(pki) as session:
+        assert await served_by(session, daemon.port, 12) == ["B"] * 12
+    a.ready_status = 200
+    await daemon.await_state(addr(a), "healthy")
+    async with client_session(pki) as session:
+        assert "A" in await served_by(session, daemon.port, 12)
+
+
+async def test_all_unhealthy_panic_mode_still_forwards(
+    pki: TestPKI, two_standins: Any, daemon_factory: Any
+) -> None:
+    a, b = two_standins
+    daemon = await daemon_factory(base_config([addr(a), addr(b)], healthCheck=hc_config(pki)))
+    await daemon.await_state(addr(b), "healthy")
+    assert (await daemon.aadmin("/readyz"))[0] == 200
+    a.ready_status = b.ready_status = 500
+    await daemon.await_state(addr(a), "unhealthy")
+    await daemon.await_state(addr(b), "unhealthy")
+    status, body = await daemon.aadmin("/readyz")
+    assert status == 503 and b"0/2" in body
+    assert _sample(await daemon.ametrics(), "kubeprism_panic_mode") == 1
+    async with client_session(pki) as session:
+        assert set(await served_by(session, daemon.port, 6)) <= {"A", "B"}
+    b.ready_status = 200
+    await daemon.await_state(addr(b), "healthy")
+    assert _sample(await daemon.ametrics(), "kubeprism_panic_mode") == 0
+    assert (await daemon.aadmin("/readyz"))[0] == 200
+
+
+# ------------------------------------------------------------------ closing what is dead
+
+
+async def _open_stream(session: aiohttp.ClientSession, port: int) -> tuple[Any, str]:
+    """Open /stream through kubeprism; return the response and the stand-in serving it."""
+    resp = await session.get(f"https://127.0.0.1:{port}/stream", server_hostname="kubernetes")
+    first = json.loads(await resp.content.readline())
+    return resp, first["standin"]
+
+
+async def test_streams_on_unhealthy_endpoint_are_closed_others_flow(
+    pki: TestPKI, two_standins: Any, daemon_factory: Any
+) -> None:
+    a, b = two_standins
+    interval, threshold, timeout = 0.5, 2, 0.4
+    daemon = await daemon_factory(
+        base_config(
+            [addr(a), addr(b)],
+            healthCheck=hc_config(
+                pki, interval="500ms", timeout="400ms", unhealthyThreshold=threshold
+            ),
+        )
+    )
+    await daemon.await_state(addr(a), "healthy")
+    await daemon.await_state(addr(b), "healthy")
+    async with client_session(pki) as session:
+        streams: dict[str, list[Any]] = {"A": [], "B": []}
+        for _ in range(40):
+            resp, name = await _open_stream(session, daemon.port)
+            streams[name].append(resp)
+            if len(streams["A"]) >= 2 and len(streams["B"]) >= 2:
+                break
+        assert len(streams["A"]) >= 2 and len(streams["B"]) >= 2
+        a.ready_status = 500
+        broke = time.monotonic()
+        bound = interval * threshold + timeout + 1.0
+        for resp in streams["A"]:
+            with pytest.raises(
+                (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, ConnectionError)
+            ):
+                async with asyncio.timeout(bound + 2):
+                    while await resp.content.readline():
+                        pass
+                    raise ConnectionError("stream ended")  # a clean EOF counts as closed too
+        closed_after = time.monotonic() - broke
+        assert closed_after <= bound, f"closed after {closed_after:.2f}s, bound {bound:.2f}s"
+        for resp in streams["B"]:  # untouched: still flowing
+            line = await asyncio.wait_for(resp.content.readline(), 2)
+            assert json.loads(line)["standin"] == "B"
+        for resp in streams["A"] + streams["B"]:
+            resp.close()
+    assert (
+        _sample(await daemon.ametrics(), "kubeprism_connections_closed_total", reason="unhealthy")
+        >= 2
+    )
+
+
+# ------------------------------------------------------------------ admin and metrics
+
+
+async def test_metrics_exposition(pki: TestPKI, two_standins: Any, daemon_factory: Any) -> None:
+    a, b = two_standins
+    daemon = await daemon_factory(base_config([addr(a), addr(b)], healthCheck=hc_config(pki)))
+    await daemon.await_state(addr(a), "healthy")
+    async with client_session(pki) as session:
+        await served_by(session, daemon.port, 4)
+    text = await daemon.ametrics()
+    names = {f.name for f in text_string_to_metric_families(text)}
+    for name in (
+        "kubeprism_upstream_up",
+        "kubeprism_upstream_state",
+        "kubeprism_upstream_info",
+        "kubeprism_upstream_active_connections",
+        "kubeprism_upstream_connections",
+        "kubeprism_upstream_dial_failures",
+        "kubeprism_upstream_latency_seconds",
+        "kubeprism_upstream_latency_tier",
+        "kubeprism_connections",
+        "kubeprism_connections_closed",
+        "kubeprism_forwarded_bytes",
+        "kubeprism_active_connections",
+        "kubeprism_panic_mode",
+        "kubeprism_forwarding_mode",
+        "kubeprism_build_info",
+        "kubeprism_dial_duration_seconds",
+        "kubeprism_health_check_duration_seconds",
+        "kubeprism_accept_errors",
+    ):
+        assert name in names, name
+    assert _sample(text, "kubeprism_upstream_up", endpoint=addr(a)) == 1
+    assert _sample(text, "kubeprism_connections_total", result="forwarded") == 4
+    assert _sample(text, "kubeprism_forwarded_bytes_total", direction="upstream_to_client") > 0
+    assert (
+        _sample(
+            text,
+            "kubeprism_health_check_duration_seconds_count",
+            endpoint=addr(a),
+            result="healthy",
+        )
+        >= 1
+    )
+    ups = await daemon.aupstreams()
+    assert ups[addr(a)]["sources"] == ["static"]
+    assert ups[addr(a)]["tier"] in {"<1ms", "<10ms", "<100ms"}
+    assert (await daemon.aadmin("/healthz"))[0] == 200
