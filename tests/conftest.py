@@ -1,0 +1,92 @@
+"""Shared fixtures. Keep this file to wiring; the machinery lives in the helper modules:
+
+certs.py (TestPKI), standin.py (stand-in kube-apiserver), tcpservers.py (raw TCP upstreams),
+netns.py (network namespaces), datagen.py (deterministic payloads), util.py (eventually, ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+from certs import TestPKI
+from netns import NetNS, netns_unavailable_reason, remove_stale_namespaces
+from standin import StandinAPIServer
+from tcpservers import EchoServer, NeverReadServer, SinkServer, SourceServer
+
+StandinFactory = Callable[..., Awaitable[StandinAPIServer]]
+
+# ---------------------------------------------------------------------------------------------
+# PKI and stand-in API servers
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
+    """One test PKI per session, written to a temp dir (`pki.paths.ca`, ...)."""
+    return TestPKI.create(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+async def standin_factory(pki: TestPKI) -> AsyncIterator[StandinFactory]:
+    """`await standin_factory("A", **kw)` -> a started TLS StandinAPIServer, closed at teardown."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def make(name: str = "A", **kwargs: Any) -> StandinAPIServer:
+            kwargs.setdefault("ssl_context", pki.server_context())
+            return await stack.enter_async_context(StandinAPIServer(name, **kwargs))
+
+        yield make
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw TCP upstreams (127.0.0.1, ephemeral port)
+
+
+@pytest.fixture
+async def echo_server() -> AsyncIterator[EchoServer]:
+    """Echoes, preserving half-close."""
+    async with EchoServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def sink_server() -> AsyncIterator[SinkServer]:
+    """Replies '<sha256> <count>' after the client's EOF."""
+    async with SinkServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def source_server() -> AsyncIterator[SourceServer]:
+    """Sends the N deterministic bytes asked for, then half-closes."""
+    async with SourceServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def never_read_server() -> AsyncIterator[NeverReadServer]:
+    """Accepts and never reads."""
+    async with NeverReadServer() as server:
+        yield server
+
+
+# ---------------------------------------------------------------------------------------------
+# Network namespaces (root). Unavailability fails loudly: CI runs as root, so a skip would hide
+# a broken runner rather than a missing capability.
+
+
+@pytest.fixture(scope="session")
+def _netns_ready() -> None:
+    reason = netns_unavailable_reason()
+    if reason is not None:
+        pytest.fail(reason, pytrace=False)
+    remove_stale_namespaces()
+
+
+@pytest.fixture
+def netns(_netns_ready: None, request: pytest.FixtureRequest) -> Iterator[NetNS]:
+    """A fresh network namespace with lo up, deleted (with its processes) at teardown."""
+    with NetNS(request.node.name.removeprefix("test_")[:12]) as ns:
+        yield ns
