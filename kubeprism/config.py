@@ -7,7 +7,9 @@ value, because the person reading it is editing a YAML file on a node.
 
 from __future__ import annotations
 
+import decimal
 import ipaddress
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -148,10 +150,19 @@ class Config:
 
 # ---------------------------------------------------------------- scalar parsers
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_HOSTPORT = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d+)$")
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+# Decimal, not float, so "300ms" is exactly 0.3 and config_to_dict output parses back equal.
+_DURATION_UNITS = {
+    u: decimal.Decimal(v) for u, v in (("ms", "0.001"), ("s", 1), ("m", 60), ("h", 3600))
+}
+# No traps: an absurdly long number becomes Infinity and is rejected, not an ArithmeticError.
+_DECIMAL = decimal.Context(prec=40, traps=[])
+# At most 5 port digits: int() refuses strings over 4300 digits with a ValueError.
+_HOSTPORT = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>[0-9]{1,5})$")
+# One label, then dot-led labels: unambiguous, so no exponential backtracking on a bad name.
+# Digits and dots only is a mistyped IP address (10.0.0.256), not a name.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$)(?![0-9.]+$){_LABEL}(?:\.{_LABEL})*\.?$")
 
 
 def _ip_or_none(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -164,26 +175,32 @@ def _ip_or_none(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | No
 def parse_duration(key: str, value: object) -> float:
     """Parse a Go-style duration ("500ms", "2s", "1m30s") into seconds."""
     if isinstance(value, bool) or not isinstance(value, str):
-        raise ConfigError(key, f"expected a duration with a unit such as '500ms' or '2s', got {value!r}")
+        raise ConfigError(
+            key, f"expected a duration with a unit such as '500ms' or '2s', got {value!r}"
+        )
     text = value.strip()
-    pos, total = 0, 0.0
+    pos, total = 0, decimal.Decimal(0)
     for match in _DURATION_PART.finditer(text):
         if match.start() != pos:
             break
-        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        part = _DECIMAL.multiply(decimal.Decimal(match.group(1)), _DURATION_UNITS[match.group(2)])
+        total = _DECIMAL.add(total, part)
         pos = match.end()
     if pos != len(text) or not text:
         raise ConfigError(key, f"bad duration {value!r}: use a number and a unit (ms, s, m, h)")
-    return total
+    seconds = float(total)
+    if not math.isfinite(seconds):
+        raise ConfigError(key, f"duration {value!r} is too long")
+    return seconds
 
 
 def parse_host_port(key: str, value: object, *, require_ip: bool = False) -> HostPort:
     """Parse "host:port", "[v6]:port"; hosts may be names unless require_ip."""
     if not isinstance(value, str):
-        raise ConfigError(key, f"expected \"host:port\", got {value!r}")
+        raise ConfigError(key, f'expected "host:port", got {value!r}')
     match = _HOSTPORT.match(value.strip())
     if match is None:
-        raise ConfigError(key, f"bad address {value!r}: expected \"host:port\" or \"[ipv6]:port\"")
+        raise ConfigError(key, f'bad address {value!r}: expected "host:port" or "[ipv6]:port"')
     port = int(match["port"])
     if not 1 <= port <= 65535:
         raise ConfigError(key, f"bad port {port} in {value!r}: must be 1-65535")
@@ -299,8 +316,10 @@ def _upstream(key: str, value: object) -> UpstreamSpec:
     if isinstance(value, str):
         return UpstreamSpec(parse_host_port(key, value))
     entry = _Section(key, value)
-    if "address" not in entry.data:
-        raise ConfigError(key, "an upstream entry needs an 'address' (or write it as a plain string)")
+    if entry.data.get("address") is None:
+        raise ConfigError(
+            key, "an upstream entry needs an 'address' (or write it as a plain string)"
+        )
     spec = UpstreamSpec(
         address=entry.get("address", parse_host_port, HostPort("", 0)),
         priority=entry.get("priority", _int_in(0, 1_000_000), DEFAULT_PRIORITY),
@@ -311,7 +330,7 @@ def _upstream(key: str, value: object) -> UpstreamSpec:
 
 def _upstreams(key: str, value: object) -> tuple[UpstreamSpec, ...]:
     if not isinstance(value, list) or not value:
-        raise ConfigError(key, f"expected a non-empty list of \"host:port\" entries, got {value!r}")
+        raise ConfigError(key, f'expected a non-empty list of "host:port" entries, got {value!r}')
     specs = tuple(_upstream(f"{key}[{i}]", item) for i, item in enumerate(value))
     seen: set[HostPort] = set()
     for i, spec in enumerate(specs):
@@ -325,7 +344,7 @@ def _listen_list(key: str, value: object) -> tuple[HostPort, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not value:
-        raise ConfigError(key, f"expected a non-empty list of \"ip:port\" entries, got {value!r}")
+        raise ConfigError(key, f'expected a non-empty list of "ip:port" entries, got {value!r}')
     addrs = tuple(parse_host_port(f"{key}[{i}]", v, require_ip=True) for i, v in enumerate(value))
     if len(set(addrs)) != len(addrs):
         raise ConfigError(key, f"duplicate listen address in {value!r}")
@@ -342,7 +361,9 @@ def _health_check(section: _Section) -> HealthCheckConfig:
         server_name=section.get("serverName", _str, DEFAULT_SERVER_NAME),
         client_cert_file=section.get("clientCertFile", _readable_file, None),
         client_key_file=section.get("clientKeyFile", _readable_file, None),
-        healthy_threshold=section.get("healthyThreshold", _int_in(1, 100), DEFAULT_HEALTHY_THRESHOLD),
+        healthy_threshold=section.get(
+            "healthyThreshold", _int_in(1, 100), DEFAULT_HEALTHY_THRESHOLD
+        ),
         unhealthy_threshold=section.get(
             "unhealthyThreshold", _int_in(1, 100), DEFAULT_UNHEALTHY_THRESHOLD
         ),
@@ -355,7 +376,8 @@ def _health_check(section: _Section) -> HealthCheckConfig:
             "or probes would overlap",
         )
     if (hc.client_cert_file is None) != (hc.client_key_file is None):
-        raise ConfigError(section.key("clientKeyFile"), "clientCertFile and clientKeyFile go together")
+        missing = "clientKeyFile" if hc.client_key_file is None else "clientCertFile"
+        raise ConfigError(section.key(missing), "clientCertFile and clientKeyFile go together")
     return hc
 
 
@@ -369,18 +391,22 @@ def _keepalive(section: _Section) -> KeepaliveConfig:
     return ka
 
 
+def _admin_listen(key: str, value: object) -> HostPort | None:
+    # An empty string, unlike a missing key, switches the admin endpoint off.
+    return None if value == "" else parse_host_port(key, value, require_ip=True)
+
+
 def _admin(section: _Section) -> AdminConfig:
-    listen = section.get(
-        "listen",
-        lambda k, v: None if v == "" else parse_host_port(k, v, require_ip=True),
-        parse_host_port("admin.listen", DEFAULT_ADMIN_LISTEN),
-    )
+    default: HostPort | None = parse_host_port("admin.listen", DEFAULT_ADMIN_LISTEN)
+    listen = section.get("listen", _admin_listen, default)
     section.finish()
     return AdminConfig(listen=listen)
 
 
 def _discovery(section: _Section) -> DiscoveryConfig:
-    dc = DiscoveryConfig(dns_refresh=section.get("dnsRefresh", _positive_duration, DEFAULT_DNS_REFRESH))
+    dc = DiscoveryConfig(
+        dns_refresh=section.get("dnsRefresh", _positive_duration, DEFAULT_DNS_REFRESH)
+    )
     section.finish()
     return dc
 
@@ -398,18 +424,21 @@ def _check_loopback(cfg: Config) -> None:
     if cfg.admin.listen is not None and not is_loopback(cfg.admin.listen):
         raise ConfigError(
             "admin.listen",
-            f"{cfg.admin.listen} is not a loopback address (set allowNonLoopback: true to accept it)",
+            f"{cfg.admin.listen} is not a loopback address "
+            "(set allowNonLoopback: true to accept it)",
         )
 
 
 def config_from_dict(data: object) -> Config:
     """Build a validated Config from parsed YAML."""
     root = _Section("", data)
-    if "upstreams" not in root.data:
-        raise ConfigError("upstreams", "required: list the API servers, e.g. [\"10.0.0.10:6443\"]")
+    if root.data.get("upstreams") is None:
+        raise ConfigError("upstreams", 'required: list the API servers, e.g. ["10.0.0.10:6443"]')
     cfg = Config(
         upstreams=root.get("upstreams", _upstreams, ()),
-        listen=root.get("listen", _listen_list, tuple(parse_host_port("listen", a) for a in DEFAULT_LISTEN)),
+        listen=root.get(
+            "listen", _listen_list, tuple(parse_host_port("listen", a) for a in DEFAULT_LISTEN)
+        ),
         allow_non_loopback=root.get("allowNonLoopback", _bool, False),
         health_check=_health_check(root.section("healthCheck")),
         dial_timeout=root.get("dialTimeout", _positive_duration, DEFAULT_DIAL_TIMEOUT),
@@ -433,7 +462,11 @@ def load_config(path: str | Path) -> Config:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError("", f"cannot read config file {str(path)!r}: {exc.strerror or exc}") from exc
+        raise ConfigError(
+            "", f"cannot read config file {str(path)!r}: {exc.strerror or exc}"
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError("", f"config file {str(path)!r} is not UTF-8 text: {exc}") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -442,9 +475,11 @@ def load_config(path: str | Path) -> Config:
 
 
 def _duration_text(seconds: float) -> str:
+    # Shortest exact decimal, never an exponent: parse_duration must read it back equal.
+    exact = decimal.Decimal(repr(seconds))
     if seconds and seconds < 1:
-        return f"{seconds * 1000:g}ms"
-    return f"{seconds:g}s"
+        return f"{(exact * 1000).normalize():f}ms"
+    return f"{exact.normalize():f}s"
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import bisect
 import enum
-from collections.abc import Iterable, Mapping
+import itertools
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from kubeprism.config import HostPort
@@ -99,11 +100,11 @@ class Pool:
         for ep in removed:
             del self.endpoints[ep.address]
         for addr, spec in desired.items():
-            ep = self.endpoints.get(addr)
-            if ep is None:
+            kept = self.endpoints.get(addr)
+            if kept is None:
                 self.endpoints[addr] = Endpoint(addr, spec.priority, spec.sources)
             else:
-                ep.priority, ep.sources = spec.priority, spec.sources
+                kept.priority, kept.sources = spec.priority, spec.sources
         return removed
 
     # ------------------------------------------------------------ selection
@@ -127,16 +128,13 @@ class Pool:
         endpoint accepts. With none healthy (panic), all of them are ordered
         the same way: a broken checker must not be worse than no checker.
         """
-        eps = list(self.endpoints.values())
-        if not eps:
-            return []
-        self._rotation = (self._rotation + 1) % len(eps)
-        eps = eps[self._rotation :] + eps[: self._rotation]
+        self._rotation += 1
+        eps = self.endpoints.values()
         healthy = [ep for ep in eps if ep.health is Health.HEALTHY]
         rest = [ep for ep in eps if ep.health is not Health.HEALTHY]
-        healthy.sort(key=_preference)
-        rest.sort(key=lambda ep: (ep.health is Health.UNHEALTHY, *_preference(ep)))
-        return healthy + rest
+        return _rotate_ties(healthy, _preference, self._rotation) + _rotate_ties(
+            rest, _last_resort, self._rotation
+        )
 
     # ------------------------------------------------------------ observations
 
@@ -156,7 +154,9 @@ class Pool:
             )
         return self._observe(ep, ok, reason, now)
 
-    def record_dial(self, address: HostPort, ok: bool, reason: str, now: float) -> Transition | None:
+    def record_dial(
+        self, address: HostPort, ok: bool, reason: str, now: float
+    ) -> Transition | None:
         """Feed the outcome of a real dial (passive check).
 
         A failed dial counts like a failed probe. A successful one changes no
@@ -201,6 +201,27 @@ class Pool:
 
 def _preference(ep: Endpoint) -> tuple[int, int, int]:
     return (ep.priority, ep.tier, ep.active)
+
+
+def _last_resort(ep: Endpoint) -> tuple[bool, int, int, int]:
+    # Unknown before unhealthy: an unchecked endpoint has not failed yet.
+    return (ep.health is Health.UNHEALTHY, *_preference(ep))
+
+
+def _rotate_ties(
+    eps: list[Endpoint], key: Callable[[Endpoint], tuple[int, ...]], turn: int
+) -> list[Endpoint]:
+    """Sort by key; rotate each group of exact ties by ``turn`` so every member leads in turn.
+
+    Rotating the whole list instead would favour a tied endpoint in proportion to the
+    number of non-tied endpoints listed before it.
+    """
+    ordered: list[Endpoint] = []
+    for _, group in itertools.groupby(sorted(eps, key=key), key=key):
+        tied = list(group)
+        start = turn % len(tied)
+        ordered += tied[start:] + tied[:start]
+    return ordered
 
 
 def _next_health(ep: Endpoint, healthy_threshold: int, unhealthy_threshold: int) -> Health:
