@@ -352,11 +352,14 @@ def _listen_list(key: str, value: object) -> tuple[HostPort, ...]:
 
 
 def _health_check(section: _Section) -> HealthCheckConfig:
+    interval = section.get("interval", _positive_duration, DEFAULT_INTERVAL)
+    # An unset timeout follows a shorter interval, so setting only the interval just works.
+    default_timeout = min(DEFAULT_TIMEOUT, interval * DEFAULT_TIMEOUT / DEFAULT_INTERVAL)
     hc = HealthCheckConfig(
         type=section.get("type", _choice("https", "tcp"), "https"),  # type: ignore[arg-type]
         path=section.get("path", _url_path, DEFAULT_HEALTH_PATH),
-        interval=section.get("interval", _positive_duration, DEFAULT_INTERVAL),
-        timeout=section.get("timeout", _positive_duration, DEFAULT_TIMEOUT),
+        interval=interval,
+        timeout=section.get("timeout", _positive_duration, default_timeout),
         ca_file=section.get("caFile", _readable_file, None),
         server_name=section.get("serverName", _str, DEFAULT_SERVER_NAME),
         client_cert_file=section.get("clientCertFile", _readable_file, None),

@@ -571,6 +571,12 @@ def test_empty_document_asks_for_upstreams() -> None:
 # ---------------------------------------------------------------- cross-field rules
 
 
+def test_unset_timeout_scales_with_a_short_interval() -> None:
+    cfg = config_from_dict(at("healthCheck.interval", "500ms"))
+    assert cfg.health_check.timeout == pytest.approx(0.4)
+    assert config_from_dict(at("healthCheck.interval", "5s")).health_check.timeout == 0.8
+
+
 @pytest.mark.parametrize(
     ("interval", "timeout", "ok"),
     [
@@ -579,7 +585,7 @@ def test_empty_document_asks_for_upstreams() -> None:
         ("1s", "1000ms", False),
         ("1s", "2s", False),
         ("2s", "1m", False),
-        ("500ms", None, False),  # the default timeout (800ms) is too long for this interval
+        ("500ms", None, True),  # an unset timeout scales down with the interval (400ms)
         (None, "900ms", True),
         (None, "1s", False),
     ],
