@@ -49,6 +49,12 @@ DEFAULT_DRAIN_TIMEOUT = 5.0
 # Two fds per connection; stays below common LimitNOFILE settings with headroom.
 DEFAULT_MAX_CONNECTIONS = 10000
 DEFAULT_DNS_REFRESH = 30.0
+# The apiserver adds and removes itself from the kubernetes EndpointSlice quickly
+# while it restarts; wait for this much quiet before applying a change (k3s: 3 s).
+DEFAULT_DEBOUNCE = 3.0
+# Connections of an endpoint that discovery removed get this long to finish.
+DEFAULT_REMOVAL_GRACE = 10.0
+DEFAULT_CACHE_FILE = "/var/lib/kubeprism/endpoints.json"
 # Plain-string upstreams sit in the middle so entries can be made better or worse.
 DEFAULT_PRIORITY = 100
 
@@ -122,10 +128,26 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class KubernetesDiscoveryConfig:
+    """Watch the `kubernetes` EndpointSlices through kubeprism's own listener."""
+
+    enabled: bool = False
+    kubeconfig: str | None = None
+    token_file: str | None = None
+    ca_file: str | None = None
+    server_name: str = DEFAULT_SERVER_NAME
+    debounce: float = DEFAULT_DEBOUNCE
+
+
+@dataclass(frozen=True, slots=True)
 class DiscoveryConfig:
     """Endpoint discovery settings."""
 
     dns_refresh: float = DEFAULT_DNS_REFRESH
+    kubernetes: KubernetesDiscoveryConfig = field(default_factory=KubernetesDiscoveryConfig)
+    cache_file: str | None = DEFAULT_CACHE_FILE
+    filters: tuple[str, ...] = ()
+    removal_grace: float = DEFAULT_REMOVAL_GRACE
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,9 +428,58 @@ def _admin(section: _Section) -> AdminConfig:
     return AdminConfig(listen=listen)
 
 
+def _filters(key: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(
+            key, f'expected a list of CIDRs such as ["10.0.0.0/8", "!10.9.0.0/16"], got {value!r}'
+        )
+    result = []
+    for i, item in enumerate(value):
+        text = _str(f"{key}[{i}]", item)
+        try:
+            net = ipaddress.ip_network(text.removeprefix("!"), strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"{key}[{i}]", f"bad CIDR {item!r}: expected e.g. 10.0.0.0/8 or !10.9.0.0/16"
+            ) from None
+        result.append(("!" if text.startswith("!") else "") + str(net))
+    return tuple(result)
+
+
+def _optional_path(key: str, value: object) -> str | None:
+    """A path, or "" for 'off'."""
+    return None if value == "" else _str(key, value)
+
+
+def _kubernetes(section: _Section) -> KubernetesDiscoveryConfig:
+    kc = KubernetesDiscoveryConfig(
+        enabled=section.get("enabled", _bool, False),
+        kubeconfig=section.get("kubeconfig", _readable_file, None),
+        token_file=section.get("tokenFile", _readable_file, None),
+        ca_file=section.get("caFile", _readable_file, None),
+        server_name=section.get("serverName", _str, DEFAULT_SERVER_NAME),
+        debounce=section.get("debounce", parse_duration, DEFAULT_DEBOUNCE),
+    )
+    section.finish()
+    if kc.enabled and kc.kubeconfig is None and kc.token_file is None:
+        raise ConfigError(
+            section.key("kubeconfig"),
+            "discovery.kubernetes is enabled but has no credentials: set kubeconfig "
+            "(e.g. /etc/kubernetes/kubelet.conf) or tokenFile + caFile",
+        )
+    if kc.kubeconfig is not None and kc.token_file is not None:
+        raise ConfigError(section.key("tokenFile"), "set either kubeconfig or tokenFile, not both")
+    return kc
+
+
 def _discovery(section: _Section) -> DiscoveryConfig:
+    cache_default: str | None = DEFAULT_CACHE_FILE
     dc = DiscoveryConfig(
-        dns_refresh=section.get("dnsRefresh", _positive_duration, DEFAULT_DNS_REFRESH)
+        dns_refresh=section.get("dnsRefresh", _positive_duration, DEFAULT_DNS_REFRESH),
+        kubernetes=_kubernetes(section.section("kubernetes")),
+        cache_file=section.get("cacheFile", _optional_path, cache_default),
+        filters=section.get("filters", _filters, ()),
+        removal_grace=section.get("removalGrace", parse_duration, DEFAULT_REMOVAL_GRACE),
     )
     section.finish()
     return dc
@@ -517,5 +588,23 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
         "maxConnections": cfg.max_connections,
         "closeConnectionsOnUnhealthy": cfg.close_connections_on_unhealthy,
         "admin": {"listen": str(cfg.admin.listen) if cfg.admin.listen else ""},
-        "discovery": {"dnsRefresh": _duration_text(cfg.discovery.dns_refresh)},
+        "discovery": _discovery_dict(cfg.discovery),
+    }
+
+
+def _discovery_dict(dc: DiscoveryConfig) -> dict[str, Any]:
+    kc = dc.kubernetes
+    return {
+        "dnsRefresh": _duration_text(dc.dns_refresh),
+        "kubernetes": {
+            "enabled": kc.enabled,
+            "kubeconfig": kc.kubeconfig,
+            "tokenFile": kc.token_file,
+            "caFile": kc.ca_file,
+            "serverName": kc.server_name,
+            "debounce": _duration_text(kc.debounce),
+        },
+        "cacheFile": dc.cache_file or "",
+        "filters": list(dc.filters),
+        "removalGrace": _duration_text(dc.removal_grace),
     }

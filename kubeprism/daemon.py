@@ -15,12 +15,21 @@ from collections.abc import Iterable
 
 from aiohttp import web
 
-from kubeprism.config import Config, HostPort
-from kubeprism.discovery import StaticDiscovery
+from kubeprism.config import DEFAULT_PRIORITY, Config, HostPort
+from kubeprism.discovery import (
+    SOURCE_CACHE,
+    SOURCE_KUBERNETES,
+    EndpointFilter,
+    StaticDiscovery,
+    load_cache,
+    merge,
+    save_cache,
+)
 from kubeprism.health import HealthChecker, make_probe
+from kubeprism.kubewatch import SliceWatcher, load_credentials
 from kubeprism.metrics import Metrics, admin_app
 from kubeprism.proxy import Proxy, ProxySettings
-from kubeprism.upstream import Endpoint, Health, Pool, Transition
+from kubeprism.upstream import Endpoint, EndpointSpec, Health, Pool, Transition
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +37,6 @@ logger = logging.getLogger(__name__)
 LISTEN_BACKLOG = 4096
 # How long start-up waits for every endpoint's first probe before calling itself ready.
 FIRST_PASS_TIMEOUT = 5.0
-# Connections of an endpoint that discovery removed get this long to finish.
-REMOVAL_GRACE = 10.0
 
 
 class StartupError(Exception):
@@ -93,6 +100,10 @@ class Daemon:
         self.force_requested = asyncio.Event()
         self._signals = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self._removals: dict[HostPort, asyncio.TimerHandle] = {}
+        kc = cfg.discovery.kubernetes
+        # Loaded before anything is bound, so bad credentials are a config error (exit 2).
+        self.credentials = load_credentials(kc) if kc.enabled else None
 
     def bind(self) -> None:
         """Bind every socket the config names; raise StartupError if any fails."""
@@ -127,6 +138,11 @@ class Daemon:
             self.pool, self.probe, hc.interval, self._on_transition, self.metrics.observe_probe
         )
         self.discovery = StaticDiscovery(cfg.upstreams)
+        self.seeds: dict[HostPort, EndpointSpec] = {}
+        self.discovered: set[HostPort] | None = None
+        self.cached = load_cache(cfg.discovery.cache_file) if cfg.discovery.cache_file else []
+        self.endpoint_filter = EndpointFilter(cfg.discovery.filters)
+        self.watcher = self._slice_watcher()
         self._was_panic = True
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig)
@@ -141,11 +157,14 @@ class Daemon:
 
     async def _serve(self, runner: web.AppRunner) -> None:
         started = time.monotonic()
-        await self._apply_discovery()
+        await self._refresh_dns()
         if self.admin_socket is not None:
             await web.SockSite(runner, self.admin_socket).start()
         self.proxy.serve(self.listeners)
         self._spawn(self._dns_loop(), "dns refresh")
+        if self.watcher is not None:
+            # Through our own listener: discovery works whenever any upstream works.
+            self._spawn(self.watcher.run(), "endpointslice watch")
         complete = await self.checker.first_pass(FIRST_PASS_TIMEOUT)
         logger.info(
             "ready in %.3fs: listening on %s, %d/%d endpoints healthy%s",
@@ -172,6 +191,10 @@ class Daemon:
         await self.proxy.wait_dials()
         if left:
             logger.info("closed %d connection(s) still open after draining", left)
+        for timer in self._removals.values():
+            timer.cancel()
+        if self.watcher is not None:
+            self.watcher.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -183,20 +206,55 @@ class Daemon:
     def _spawn(self, coro: object, name: str) -> None:
         self._tasks.append(asyncio.get_running_loop().create_task(coro, name=name))  # type: ignore[arg-type]
 
-    async def _apply_discovery(self) -> None:
-        specs = await self.discovery.resolve()
-        if not specs:
-            logger.warning("discovery found no endpoint; keeping the current set")
+    def _slice_watcher(self) -> SliceWatcher | None:
+        if self.credentials is None:
+            return None
+        debounce = self.cfg.discovery.kubernetes.debounce
+        return SliceWatcher(self.cfg.listen[0], self.credentials, self._on_slices, debounce)
+
+    async def _refresh_dns(self) -> None:
+        self.seeds = await self.discovery.resolve()
+        self._reconcile()
+
+    async def _dns_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.discovery.dns_refresh)
+            await self._refresh_dns()
+
+    def _on_slices(self, endpoints: set[HostPort]) -> None:
+        logger.info(
+            "EndpointSlices list %d API server(s): %s",
+            len(endpoints),
+            ", ".join(str(a) for a in sorted(endpoints)),
+        )
+        self.discovered = endpoints
+        self._reconcile()
+        path = self.cfg.discovery.cache_file
+        if path:
+            try:
+                save_cache(path, endpoints)
+            except OSError as exc:
+                logger.warning("cannot write endpoint cache %s: %s", path, exc)
+
+    def _reconcile(self) -> None:
+        """Seeds plus discovered endpoints (or, until the first list, the cached ones)."""
+        if self.discovered is not None:
+            extra, source = self.discovered, SOURCE_KUBERNETES
+        else:
+            extra, source = set(self.cached), SOURCE_CACHE
+        desired = merge(self.seeds, extra, source, self.endpoint_filter, DEFAULT_PRIORITY)
+        if not desired:
+            logger.warning(
+                "no endpoint known (every name failed to resolve); keeping the current set"
+            )
             return
-        removed = self.pool.reconcile(specs)
-        self.checker.sync()
-        for ep in removed:
+        for ep in self.pool.reconcile(desired):
             self._retire(ep)
+        self.checker.sync()
 
     def _retire(self, ep: Endpoint) -> None:
-        logger.info(
-            "endpoint %s removed; closing its connections in %gs", ep.address, REMOVAL_GRACE
-        )
+        grace = self.cfg.discovery.removal_grace
+        logger.info("endpoint %s removed; closing its connections in %gs", ep.address, grace)
 
         def close() -> None:
             if ep.address not in self.pool.endpoints:
@@ -204,12 +262,10 @@ class Daemon:
                     ep.address, "endpoint removed by discovery"
                 )
 
-        asyncio.get_running_loop().call_later(REMOVAL_GRACE, close)
-
-    async def _dns_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.discovery.dns_refresh)
-            await self._apply_discovery()
+        old = self._removals.pop(ep.address, None)
+        if old is not None:
+            old.cancel()
+        self._removals[ep.address] = asyncio.get_running_loop().call_later(grace, close)
 
     def _on_transition(self, t: Transition) -> None:
         level = logging.WARNING if t.new is Health.UNHEALTHY else logging.INFO

@@ -1,0 +1,176 @@
+"""EndpointSlice list and watch for the stand-in API servers (shared like etcd is).
+
+One `SliceStore` serves every stand-in it is attached to: resourceVersions,
+an event history for watches, compaction (410 Gone), and a record of the
+credentials each request carried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+SLICES_PATH = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
+SELECTOR = "kubernetes.io/service-name=kubernetes"
+
+
+@dataclass
+class SeenRequest:
+    """What one request to the slices path carried."""
+
+    watch: bool
+    token: str | None
+    client_cn: str | None
+    resource_version: str | None
+
+
+@dataclass
+class SliceStore:
+    """The `kubernetes` EndpointSlices, their history and the credentials required."""
+
+    token: str | None = None  # accepted bearer token; None: any client certificate will do
+    version: int = 100
+    slices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    events: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)
+    compacted: int = 0  # resourceVersions below this are gone (410)
+    gone_as_status: bool = False  # answer an old watch with HTTP 410 instead of an ERROR event
+    seen: list[SeenRequest] = field(default_factory=list)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _ending: asyncio.Event = field(default_factory=asyncio.Event)
+
+    # ---------------------------------------------------------------- mutations
+
+    def put(self, name: str, addresses: list[str], port: int, ready: bool = True) -> None:
+        """Create or replace a slice listing ``addresses`` on ``port``."""
+        self.version += 1
+        kind = "MODIFIED" if name in self.slices else "ADDED"
+        obj = {
+            "kind": "EndpointSlice",
+            "apiVersion": "discovery.k8s.io/v1",
+            "metadata": {
+                "name": name,
+                "namespace": "default",
+                "resourceVersion": str(self.version),
+                "labels": {"kubernetes.io/service-name": "kubernetes"},
+            },
+            "addressType": "IPv6" if ":" in (addresses or ["x"])[0] else "IPv4",
+            "endpoints": [{"addresses": [a], "conditions": {"ready": ready}} for a in addresses],
+            "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
+        }
+        self.slices[name] = obj
+        self._record(kind, obj)
+
+    def delete(self, name: str) -> None:
+        """Delete a slice."""
+        obj = self.slices.pop(name)
+        self.version += 1
+        self._record(
+            "DELETED",
+            {**obj, "metadata": {**obj["metadata"], "resourceVersion": str(self.version)}},
+        )
+
+    def compact(self) -> None:
+        """Forget history: watches from any earlier resourceVersion get 410 Gone."""
+        self.compacted = self.version
+        self.end_watches()
+
+    def end_watches(self) -> None:
+        """End every open watch (as an apiserver restart or timeout would)."""
+        self._ending.set()
+        self._ending = asyncio.Event()
+
+    def _record(self, kind: str, obj: dict[str, Any]) -> None:
+        self.events.append((self.version, kind, obj))
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # ---------------------------------------------------------------- HTTP
+
+    def routes(self) -> list[web.RouteDef]:
+        """Routes to pass as a stand-in's `extra_routes`."""
+        return [web.get(SLICES_PATH, self._handle)]
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        seen = self._seen(request)
+        if not self._authorized(seen):
+            return web.json_response({"kind": "Status", "code": 401}, status=401)
+        if request.query.get("labelSelector") != SELECTOR:
+            return web.json_response({"kind": "Status", "code": 400}, status=400)
+        if not seen.watch:
+            return web.json_response(self._list())
+        return await self._watch(request, int(seen.resource_version or 0))
+
+    def _seen(self, request: web.Request) -> SeenRequest:
+        auth = request.headers.get("Authorization", "")
+        cert = request.transport.get_extra_info("peercert") if request.transport else None
+        cn = None
+        if cert:
+            for rdn in cert.get("subject", ()):
+                for key, value in rdn:
+                    if key == "commonName":
+                        cn = value
+        seen = SeenRequest(
+            watch=request.query.get("watch") in ("1", "true"),
+            token=auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else None,
+            client_cn=cn,
+            resource_version=request.query.get("resourceVersion"),
+        )
+        self.seen.append(seen)
+        return seen
+
+    def _authorized(self, seen: SeenRequest) -> bool:
+        if self.token is not None:
+            return seen.token == self.token
+        return seen.client_cn is not None
+
+    def _list(self) -> dict[str, Any]:
+        return {
+            "kind": "EndpointSliceList",
+            "apiVersion": "discovery.k8s.io/v1",
+            "metadata": {"resourceVersion": str(self.version)},
+            "items": list(self.slices.values()),
+        }
+
+    async def _watch(self, request: web.Request, since: int) -> web.StreamResponse:
+        if since < self.compacted and self.gone_as_status:
+            return web.json_response({"kind": "Status", "code": 410}, status=410)
+        resp = web.StreamResponse()
+        resp.content_type = "application/json"
+        await resp.prepare(request)
+        if since < self.compacted:
+            gone = {"kind": "Status", "code": 410, "reason": "Expired", "message": "too old"}
+            await resp.write(_line({"type": "ERROR", "object": gone}))
+            return resp
+        ending = self._ending
+        timeout = float(request.query.get("timeoutSeconds", "60"))
+        try:
+            async with asyncio.timeout(timeout):
+                while not ending.is_set():
+                    for version, kind, obj in self.events:
+                        if version > since:
+                            await resp.write(_line({"type": kind, "object": obj}))
+                            since = version
+                    changed = asyncio.ensure_future(self._changed.wait())
+                    ended = asyncio.ensure_future(ending.wait())
+                    await asyncio.wait([changed, ended], return_when=asyncio.FIRST_COMPLETED)
+                    changed.cancel()
+                    ended.cancel()
+        except TimeoutError:
+            pass
+        return resp
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj).encode() + b"\n"
+
+
+def optional_client_cert_context(server: ssl.SSLContext, ca_file: str) -> ssl.SSLContext:
+    """Ask for (but do not require) a client certificate signed by the test CA."""
+    server.verify_mode = ssl.CERT_OPTIONAL
+    server.load_verify_locations(cafile=ca_file)
+    return server
