@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 from certs import TestPKI
+from clients import cert_user, write_kubeconfig
 from slices import SliceStore, optional_client_cert_context
 from standin import StandinAPIServer
 from util import eventually
@@ -137,37 +137,6 @@ def test_slice_endpoints_ready_only_with_the_https_port() -> None:
         hp("10.0.0.3:6443"),
         hp("10.0.0.4:6443"),
         hp("[fd00::5]:16443"),
-    }
-
-
-def write_kubeconfig(pki: TestPKI, path: Path, server: str, user: dict[str, Any]) -> Path:
-    """A kubeconfig like the kubelet's, CA embedded."""
-    doc = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {
-                "name": "c",
-                "cluster": {
-                    "server": server,
-                    "certificate-authority-data": base64.b64encode(
-                        pki.paths.ca.read_bytes()
-                    ).decode(),
-                },
-            }
-        ],
-        "users": [{"name": "u", "user": user}],
-        "contexts": [{"name": "ctx", "context": {"cluster": "c", "user": "u"}}],
-        "current-context": "ctx",
-    }
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
-def cert_user(pki: TestPKI) -> dict[str, str]:
-    return {
-        "client-certificate-data": base64.b64encode(pki.paths.client_cert.read_bytes()).decode(),
-        "client-key-data": base64.b64encode(pki.paths.client_key.read_bytes()).decode(),
     }
 
 

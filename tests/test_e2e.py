@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
-import ssl
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 from certs import TestPKI
+from clients import addr, client_session, metric_sample, open_stream, served_by
 from daemon_proc import DaemonProcess, base_config
 from datagen import data_chunks, data_sha256
 from prometheus_client.parser import text_string_to_metric_families
@@ -22,11 +23,6 @@ from tcpservers import EchoServer, SinkServer, SourceServer
 from util import eventually, kubectl_argv, run_kubectl
 
 BULK = 64 * 1024 * 1024
-
-
-def addr(server: Any) -> str:
-    """host:port of an in-process server."""
-    return f"127.0.0.1:{server.port}"
 
 
 def hc_config(pki: TestPKI, **hc: Any) -> dict[str, Any]:
@@ -53,29 +49,6 @@ async def daemon_factory(tmp_path: Path) -> AsyncIterator[Any]:
     yield make
     for daemon in started:
         await daemon.astop()
-
-
-def client_session(pki: TestPKI) -> aiohttp.ClientSession:
-    """An HTTPS client trusting the test CA; a new TCP connection per request."""
-    ctx = pki.client_context()
-    connector = aiohttp.TCPConnector(ssl=ctx, force_close=True)
-    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10))
-
-
-async def get_json(session: aiohttp.ClientSession, port: int, path: str) -> tuple[int, Any]:
-    """GET through kubeprism, verifying the server as `kubernetes` (like tls-server-name)."""
-    async with session.get(f"https://127.0.0.1:{port}{path}", server_hostname="kubernetes") as r:
-        return r.status, await r.json(content_type=None)
-
-
-async def served_by(session: aiohttp.ClientSession, port: int, n: int) -> list[str]:
-    """Make n fresh requests for /version; return which stand-in answered each."""
-    names = []
-    for _ in range(n):
-        status, body = await get_json(session, port, "/version")
-        assert status == 200, body
-        names.append(body["standin"])
-    return names
 
 
 # ------------------------------------------------------------------ a real client
@@ -116,22 +89,13 @@ async def test_bulk_integrity_both_directions(mode: str, daemon_factory: Any) ->
             metrics = await daemon.ametrics()
             assert f'kubeprism_forwarding_mode{{mode="{mode}"}} 1.0' in metrics
         assert (
-            _sample(
+            metric_sample(
                 await up_daemon.ametrics(),
                 "kubeprism_forwarded_bytes_total",
                 direction="client_to_upstream",
             )
             == BULK
         )
-
-
-def _sample(text: str, name: str, **labels: str) -> float:
-    """One sample's value from an exposition text."""
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    raise AssertionError(f"no sample {name}{labels}")
 
 
 async def _upload(port: int) -> tuple[str, int]:
@@ -166,10 +130,8 @@ async def _download(port: int) -> tuple[str, int]:
 
 
 async def _closed(writer: asyncio.StreamWriter) -> None:
-    try:
+    with contextlib.suppress(ConnectionError, OSError):
         await writer.wait_closed()
-    except (ConnectionError, OSError):
-        pass
 
 
 # ------------------------------------------------------------------ half-close
@@ -234,8 +196,11 @@ async def test_readyz_500_endpoint_gets_no_new_connections(
     pki: TestPKI, two_standins: Any, daemon_factory: Any
 ) -> None:
     a, b = two_standins
-    daemon = await daemon_factory(base_config([addr(a), addr(b)], healthCheck=hc_config(pki)))
+    upstreams = [{"address": addr(a), "priority": 0}, {"address": addr(b), "priority": 1}]
+    daemon = await daemon_factory(base_config(upstreams, healthCheck=hc_config(pki)))
     await daemon.await_state(addr(a), "healthy")
+    async with client_session(pki) as session:
+        assert await served_by(session, daemon.port, 4) == ["A"] * 4  # preferred
     a.ready_status = 500
     await daemon.await_state(addr(a), "unhealthy")
     ups = await daemon.aupstreams()
@@ -245,7 +210,7 @@ async def test_readyz_500_endpoint_gets_no_new_connections(
     a.ready_status = 200
     await daemon.await_state(addr(a), "healthy")
     async with client_session(pki) as session:
-        assert "A" in await served_by(session, daemon.port, 12)
+        assert await served_by(session, daemon.port, 4) == ["A"] * 4
 
 
 async def test_all_unhealthy_panic_mode_still_forwards(
@@ -260,23 +225,16 @@ async def test_all_unhealthy_panic_mode_still_forwards(
     await daemon.await_state(addr(b), "unhealthy")
     status, body = await daemon.aadmin("/readyz")
     assert status == 503 and b"0/2" in body
-    assert _sample(await daemon.ametrics(), "kubeprism_panic_mode") == 1
+    assert metric_sample(await daemon.ametrics(), "kubeprism_panic_mode") == 1
     async with client_session(pki) as session:
         assert set(await served_by(session, daemon.port, 6)) <= {"A", "B"}
     b.ready_status = 200
     await daemon.await_state(addr(b), "healthy")
-    assert _sample(await daemon.ametrics(), "kubeprism_panic_mode") == 0
+    assert metric_sample(await daemon.ametrics(), "kubeprism_panic_mode") == 0
     assert (await daemon.aadmin("/readyz"))[0] == 200
 
 
 # ------------------------------------------------------------------ closing what is dead
-
-
-async def _open_stream(session: aiohttp.ClientSession, port: int) -> tuple[Any, str]:
-    """Open /stream through kubeprism; return the response and the stand-in serving it."""
-    resp = await session.get(f"https://127.0.0.1:{port}/stream", server_hostname="kubernetes")
-    first = json.loads(await resp.content.readline())
-    return resp, first["standin"]
 
 
 async def test_streams_on_unhealthy_endpoint_are_closed_others_flow(
@@ -284,9 +242,11 @@ async def test_streams_on_unhealthy_endpoint_are_closed_others_flow(
 ) -> None:
     a, b = two_standins
     interval, threshold, timeout = 0.5, 2, 0.4
+    # A is preferred (priority 0), so streams land on it unless it is out; latency tiers of
+    # two loopback servers are too close to steer by.
     daemon = await daemon_factory(
         base_config(
-            [addr(a), addr(b)],
+            [{"address": addr(a), "priority": 0}, {"address": addr(b), "priority": 1}],
             healthCheck=hc_config(
                 pki, interval="500ms", timeout="400ms", unhealthyThreshold=threshold
             ),
@@ -296,12 +256,17 @@ async def test_streams_on_unhealthy_endpoint_are_closed_others_flow(
     await daemon.await_state(addr(b), "healthy")
     async with client_session(pki) as session:
         streams: dict[str, list[Any]] = {"A": [], "B": []}
-        for _ in range(40):
-            resp, name = await _open_stream(session, daemon.port)
+        a.ready_status = 500  # out for a moment: two streams go to B
+        await daemon.await_state(addr(a), "unhealthy")
+        for _ in range(2):
+            resp, name = await open_stream(session, daemon.port)
             streams[name].append(resp)
-            if len(streams["A"]) >= 2 and len(streams["B"]) >= 2:
-                break
-        assert len(streams["A"]) >= 2 and len(streams["B"]) >= 2
+        a.ready_status = 200  # back: two streams go to A
+        await daemon.await_state(addr(a), "healthy")
+        for _ in range(2):
+            resp, name = await open_stream(session, daemon.port)
+            streams[name].append(resp)
+        assert len(streams["A"]) == 2 and len(streams["B"]) == 2
         a.ready_status = 500
         broke = time.monotonic()
         bound = interval * threshold + timeout + 1.0
@@ -321,7 +286,9 @@ async def test_streams_on_unhealthy_endpoint_are_closed_others_flow(
         for resp in streams["A"] + streams["B"]:
             resp.close()
     assert (
-        _sample(await daemon.ametrics(), "kubeprism_connections_closed_total", reason="unhealthy")
+        metric_sample(
+            await daemon.ametrics(), "kubeprism_connections_closed_total", reason="unhealthy"
+        )
         >= 2
     )
 
@@ -358,11 +325,13 @@ async def test_metrics_exposition(pki: TestPKI, two_standins: Any, daemon_factor
         "kubeprism_accept_errors",
     ):
         assert name in names, name
-    assert _sample(text, "kubeprism_upstream_up", endpoint=addr(a)) == 1
-    assert _sample(text, "kubeprism_connections_total", result="forwarded") == 4
-    assert _sample(text, "kubeprism_forwarded_bytes_total", direction="upstream_to_client") > 0
+    assert metric_sample(text, "kubeprism_upstream_up", endpoint=addr(a)) == 1
+    assert metric_sample(text, "kubeprism_connections_total", result="forwarded") == 4
     assert (
-        _sample(
+        metric_sample(text, "kubeprism_forwarded_bytes_total", direction="upstream_to_client") > 0
+    )
+    assert (
+        metric_sample(
             text,
             "kubeprism_health_check_duration_seconds_count",
             endpoint=addr(a),
