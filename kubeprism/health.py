@@ -52,7 +52,11 @@ def describe_error(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, TimeoutError | asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return f"timed out after {timeout:g}s"
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        return _short(f"TLS certificate rejected: {exc.certificate_error}")
+        # verify_message is the actionable part ("Hostname mismatch, ... 'name'"); the full
+        # text's "[SSL: CERTIFICATE_VERIFY_FAILED] ..." prefix pushed it past MAX_REASON.
+        cert_error = exc.certificate_error
+        detail = getattr(cert_error, "verify_message", None) or cert_error
+        return _short(f"TLS certificate rejected: {detail}")
     if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
         return _short(f"TLS error: {exc}")
     if isinstance(exc, aiohttp.ClientConnectorError):
@@ -161,13 +165,18 @@ class HealthChecker:
         self._observe = observe or (lambda _a, _s, _ok: None)
         self._clock, self._sleep, self._rand = clock, sleep, rand
         self._tasks: dict[HostPort, asyncio.Task[None]] = {}
+        # Loops cancelled by sync() but not finished yet: stop() must wait for them too.
+        self._retired: set[asyncio.Task[None]] = set()
         self._first = asyncio.Event()
 
     def sync(self) -> None:
         """Start loops for new endpoints and stop those of removed ones."""
         for address in list(self._tasks):
             if address not in self.pool.endpoints:
-                self._tasks.pop(address).cancel()
+                task = self._tasks.pop(address)
+                task.cancel()
+                self._retired.add(task)
+                task.add_done_callback(self._retired.discard)
         for address in self.pool.endpoints:
             if address not in self._tasks:
                 self._tasks[address] = asyncio.get_running_loop().create_task(
@@ -212,7 +221,7 @@ class HealthChecker:
 
     async def stop(self) -> None:
         """Cancel every probe loop and wait for them."""
-        tasks = list(self._tasks.values())
+        tasks = [*self._tasks.values(), *self._retired]
         self._tasks.clear()
         for task in tasks:
             task.cancel()

@@ -73,7 +73,16 @@ DialObserver = Callable[[HostPort, float, bool], None]
 class Connection:
     """One proxied client connection and the upstream connection serving it."""
 
-    __slots__ = ("_proxy", "address", "client", "closed", "idle_mark", "pumps", "upstream")
+    __slots__ = (
+        "_proxy",
+        "address",
+        "client",
+        "closed",
+        "idle_mark",
+        "idle_since",
+        "pumps",
+        "upstream",
+    )
 
     def __init__(
         self, proxy: Proxy, client: socket.socket, upstream: socket.socket, address: HostPort
@@ -81,7 +90,9 @@ class Connection:
         self._proxy = proxy
         self.client, self.upstream, self.address = client, upstream, address
         self.closed = False
-        self.idle_mark = -1
+        # Bytes moved at the last sweep that saw a change, and when that sweep ran.
+        self.idle_mark = 0
+        self.idle_since = proxy._clock()
         p = proxy
         self.pumps = (
             Pump(
@@ -354,15 +365,20 @@ class Proxy:
 
     async def _idle_sweeper(self) -> None:
         """Close connections that moved no byte for idle_timeout (off by default)."""
-        period = max(0.05, self.settings.idle_timeout / 2)
+        timeout = self.settings.idle_timeout
+        period = max(0.05, timeout / 2)
         while True:
             await asyncio.sleep(period)
+            now = self._clock()
             for conns in list(self._by_endpoint.values()):
                 for conn in list(conns):
-                    if conn.moved == conn.idle_mark:
+                    if conn.moved != conn.idle_mark:
+                        conn.idle_mark, conn.idle_since = conn.moved, now
+                    # Measured from the sweep that last saw bytes move (never before the bytes
+                    # moved): "two unchanged sweeps" alone allowed as little as timeout/2.
+                    elif now - conn.idle_since >= timeout:
                         self.stats.closed_idle += 1
                         conn.close()
-                    conn.idle_mark = conn.moved
 
     # ------------------------------------------------------------ shutdown
 
@@ -380,15 +396,17 @@ class Proxy:
             for conn in list(conns):
                 conn.close()
         if self._idle_task is not None:
-            self._idle_task.cancel()
-            self._idle_task = None
+            self._idle_task.cancel()  # wait_dials() waits for it
         self.pipes.close()
         return left
 
     async def wait_dials(self) -> None:
-        """Wait for dial tasks (cancelled by close_all) to finish unwinding."""
-        if self._dialing:
-            await asyncio.gather(*self._dialing, return_exceptions=True)
+        """Wait for dial tasks and the idle sweeper (cancelled by close_all) to finish unwinding."""
+        tasks = [*self._dialing, *([self._idle_task] if self._idle_task is not None else [])]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._idle_task is not None and self._idle_task.done():
+            self._idle_task = None
 
 
 def _set_linger_rst(sock: socket.socket) -> None:

@@ -1,0 +1,356 @@
+"""splice.py: Pump and PipePool on a real uvloop loop with real TCP sockets on 127.0.0.1.
+
+Each test wires one pump between two TCP connections::
+
+    feeder ──tcp── src ==Pump==> dst ──tcp── sink
+
+The test writes into ``feeder`` and reads from ``sink``; the pump owns ``src``/``dst``. The
+loop handed to the pump records which fds have a reader or writer registered, so the tests
+can see backpressure (reader off, writer on) and that ``stop()`` leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import functools
+import hashlib
+import logging
+import os
+import random
+import socket
+import struct
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import uvloop
+from util import count_fds, eventually, open_fds
+
+from kubeprism import splice
+from kubeprism.splice import SCRATCH_SIZE, ByteCounter, Mode, PipePool, Pump
+
+MODES: list[Mode] = ["splice", "copy"]
+MiB = 1 << 20
+# Small kernel buffers on the pump's output leg, so a non-reading sink stalls it quickly.
+SMALL_BUFFER = 64 * 1024
+
+AsyncTest = Callable[..., Coroutine[Any, Any, None]]
+
+
+def on_uvloop(test: AsyncTest) -> Callable[..., None]:
+    """Run an async test on a fresh uvloop loop; fail on loop errors, leftover tasks or fds.
+
+    pytest-asyncio 1.5 deprecates overriding ``event_loop_policy`` (a warning, so an error
+    here) and its replacement hook lives in conftest.py; a private runner is simpler.
+    """
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        errors: list[dict[str, Any]] = []
+        uvloop.new_event_loop().close()  # uvloop opens a process-wide pipe on first use
+        fds_before = open_fds()
+
+        async def main() -> None:
+            asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: errors.append(ctx))
+            await test(*args, **kwargs)
+            left = asyncio.all_tasks() - {asyncio.current_task()}
+            assert not left, f"tasks left behind: {left}"
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main())
+        assert not errors, f"loop errors: {errors}"
+        leaked = set(open_fds().items()) - set(fds_before.items())
+        assert not leaked, f"fds left open: {sorted(leaked)}"
+
+    return run
+
+
+class RecordingLoop:
+    """The real loop, recording which fds have a reader or a writer registered."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.readers: set[int] = set()
+        self.writers: set[int] = set()
+        self.writer_adds = 0
+
+    def add_reader(self, fd: int, callback: Callable[..., object], *args: object) -> None:
+        self.readers.add(fd)
+        self._loop.add_reader(fd, callback, *args)
+
+    def remove_reader(self, fd: int) -> bool:
+        self.readers.discard(fd)
+        return self._loop.remove_reader(fd)
+
+    def add_writer(self, fd: int, callback: Callable[..., object], *args: object) -> None:
+        self.writers.add(fd)
+        self.writer_adds += 1
+        self._loop.add_writer(fd, callback, *args)
+
+    def remove_writer(self, fd: int) -> bool:
+        self.writers.discard(fd)
+        return self._loop.remove_writer(fd)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loop, name)
+
+
+def tcp_pair(rcvbuf: int | None = None) -> tuple[socket.socket, socket.socket]:
+    """A connected non-blocking TCP pair on 127.0.0.1: (connecting side, accepted side)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = socket.socket()
+        if rcvbuf is not None:  # before connect: the window scale is fixed by the SYN
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        client.connect(listener.getsockname())
+        server, _ = listener.accept()
+    for sock in (client, server):
+        sock.setblocking(False)
+    return client, server
+
+
+@dataclass
+class Rig:
+    """One pump between two TCP connections, and what it reported."""
+
+    loop: RecordingLoop
+    pool: PipePool
+    counter: ByteCounter
+    feeder: socket.socket
+    src: socket.socket
+    dst: socket.socket
+    sink: socket.socket
+    pump: Pump
+    done: list[tuple[Pump, OSError | None]] = field(default_factory=list)
+
+    @property
+    def backpressured(self) -> bool:
+        """The pump stopped reading src and waits for dst to become writable."""
+        return not self.loop.readers and self.loop.writers == {self.dst.fileno()}
+
+    async def send(self, data: bytes, eof: bool = False) -> None:
+        """Write into the feeder (and then half-close it)."""
+        await self.loop.sock_sendall(self.feeder, data)
+        if eof:
+            self.feeder.shutdown(socket.SHUT_WR)
+
+    async def receive(self, size: int, chunk: int = 256 * 1024) -> bytes:
+        """Read exactly ``size`` bytes from the sink."""
+        buf = bytearray()
+        while len(buf) < size:
+            data = await self.loop.sock_recv(self.sink, min(chunk, size - len(buf)))
+            assert data, f"EOF after {len(buf)} of {size} bytes"
+            buf += data
+        return bytes(buf)
+
+    async def digest_to_eof(self, chunk: int) -> tuple[str, int]:
+        """Read the sink to EOF in ``chunk``-sized reads; return (sha256, byte count)."""
+        digest, count = hashlib.sha256(), 0
+        while data := await self.loop.sock_recv(self.sink, chunk):
+            digest.update(data)
+            count += len(data)
+        return digest.hexdigest(), count
+
+
+@contextlib.asynccontextmanager
+async def rig(
+    mode: Mode, pool: PipePool | None = None, small_buffers: bool = False
+) -> AsyncIterator[Rig]:
+    """A started pump; on exit it is stopped, must have no reader/writer left, sockets closed."""
+    loop = RecordingLoop(asyncio.get_running_loop())
+    own_pool = pool is None
+    pool = PipePool() if pool is None else pool
+    feeder, src = tcp_pair()
+    sink, dst = tcp_pair(rcvbuf=SMALL_BUFFER if small_buffers else None)
+    if small_buffers:
+        dst.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
+    counter = ByteCounter()
+    done: list[tuple[Pump, OSError | None]] = []
+    pump = Pump(
+        loop,  # type: ignore[arg-type]
+        src,
+        dst,
+        mode,
+        pool,
+        bytearray(SCRATCH_SIZE),
+        counter,
+        lambda p, exc: done.append((p, exc)),
+    )
+    r = Rig(loop, pool, counter, feeder, src, dst, sink, pump, done)
+    pump.start()
+    try:
+        yield r
+    finally:
+        pump.stop()
+        assert (loop.readers, loop.writers) == (set(), set())
+        for sock in (feeder, src, dst, sink):
+            sock.close()
+        if own_pool:
+            pool.close()
+    await asyncio.sleep(0)  # let the loop poll once more with the fds gone
+
+
+def payload(size: int) -> bytes:
+    """Deterministic incompressible bytes."""
+    return random.Random(size).randbytes(size)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@on_uvloop
+async def test_integrity_with_a_slow_reader_pauses_and_resumes_reading(mode: Mode) -> None:
+    size = 16 * MiB
+    data = payload(size)
+    async with rig(mode, small_buffers=True) as r:
+        sender = asyncio.create_task(r.send(data, eof=True), name="feeder")
+        # Nobody reads the sink yet: the pump must stop reading src and wait for dst.
+        await eventually(lambda: r.backpressured, message="pump never paused reading")
+        assert r.pump.moved < size
+        assert not r.done
+        digest, count = await asyncio.wait_for(r.digest_to_eof(chunk=32 * 1024), 20)
+        await sender
+        assert (digest, count) == (hashlib.sha256(data).hexdigest(), size)
+        await eventually(lambda: r.done)
+        assert r.done == [(r.pump, None)]
+        assert r.pump.moved == r.counter.value == size
+        assert r.loop.writer_adds > 1  # it paused and resumed more than once
+        assert r.pump.mode == mode
+        assert not r.pump.holds_pipe
+        assert r.pool.free == r.pool.created
+
+
+@pytest.mark.parametrize("mode", MODES)
+@on_uvloop
+async def test_eof_half_closes_dst_and_reports_none(mode: Mode) -> None:
+    async with rig(mode) as r:
+        await r.send(b"last words", eof=True)
+        assert await r.receive(10) == b"last words"
+        assert await r.loop.sock_recv(r.sink, 1) == b""  # FIN passed on
+        await eventually(lambda: r.done)
+        assert r.done == [(r.pump, None)]
+        # Half-close only: the other direction of both connections still works.
+        await r.loop.sock_sendall(r.sink, b"reply")
+        assert await r.loop.sock_recv(r.dst, 5) == b"reply"
+        await r.loop.sock_sendall(r.src, b"back")
+        assert await r.loop.sock_recv(r.feeder, 4) == b"back"
+        assert (r.pump.moved, r.counter.value) == (10, 10)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@on_uvloop
+async def test_reset_source_reports_the_error(mode: Mode) -> None:
+    async with rig(mode) as r:
+        await r.send(b"x" * 1000)
+        assert await r.receive(1000) == b"x" * 1000
+        r.feeder.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        r.feeder.close()  # RST
+        await eventually(lambda: r.done)
+        [(pump, exc)] = r.done
+        assert pump is r.pump
+        assert isinstance(exc, OSError)
+        assert exc.errno == errno.ECONNRESET
+        assert r.pump.done
+        assert not r.pump.holds_pipe
+        assert r.pool.free == r.pool.created
+
+
+@pytest.mark.parametrize("mode", MODES)
+@on_uvloop
+async def test_stop_unregisters_and_closes_a_pipe_that_still_holds_bytes(mode: Mode) -> None:
+    async with rig(mode, small_buffers=True) as r:
+        sender = asyncio.create_task(r.send(payload(4 * MiB)), name="feeder")
+        await eventually(lambda: r.backpressured)
+        free_before, fds_before = r.pool.free, count_fds()
+        if mode == "splice":
+            assert r.pump.holds_pipe
+            assert r.pump.pending > 0
+        r.pump.stop()
+        assert (r.loop.readers, r.loop.writers) == (set(), set())
+        assert not r.pump.holds_pipe
+        assert r.pump.pending == 0
+        assert r.pool.free == free_before  # a dirty pipe never goes back to the pool
+        assert count_fds() == fds_before - (2 if mode == "splice" else 0)
+        assert r.pool.created == (1 if mode == "splice" else 0)
+        assert not r.done  # stop() is the caller's decision, not a completion
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
+
+
+@pytest.mark.parametrize("mode", MODES)
+@on_uvloop
+async def test_idle_pumps_hold_no_pipe_and_the_pool_reuses_pipes(mode: Mode) -> None:
+    pool = PipePool()
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            rigs = [await stack.enter_async_context(rig(mode, pool)) for _ in range(3)]
+            for n in range(60):
+                message = payload(1000 + 997 * n)
+                for r in rigs:
+                    await r.send(message)
+                for r in rigs:
+                    assert await r.receive(len(message)) == message
+                    assert not r.pump.holds_pipe, "an idle pump kept its pipe"
+            total = sum(1000 + 997 * n for n in range(60))
+            assert all(r.pump.moved == r.counter.value == total for r in rigs)
+        # At most one pipe per pump ever existed, over 180 transfers; all are back.
+        assert pool.created <= (len(rigs) if mode == "splice" else 0)
+        assert pool.free == pool.created
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize("direction", ["in", "out"])
+@on_uvloop
+async def test_splice_failure_falls_back_to_copy_without_losing_bytes(
+    direction: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="kubeprism.splice")
+    size = 4 * MiB
+    data = payload(size)
+    real_splice = os.splice
+    async with rig("splice") as r:
+        calls = {"in": 0, "out": 0}
+
+        def flaky_splice(src: int, dst: int, count: int, *args: Any, **kwargs: Any) -> int:
+            side = "in" if src == r.src.fileno() else "out"
+            calls[side] += 1
+            if side == direction and calls[side] == 3:  # fail once, mid-transfer
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_splice(src, dst, count, *args, **kwargs)
+
+        monkeypatch.setattr(splice.os, "splice", flaky_splice)
+        sender = asyncio.create_task(r.send(data, eof=True), name="feeder")
+        digest, count = await asyncio.wait_for(r.digest_to_eof(chunk=64 * 1024), 20)
+        await sender
+        await eventually(lambda: r.done)
+        assert (digest, count) == (hashlib.sha256(data).hexdigest(), size)
+        assert r.done == [(r.pump, None)]
+        assert r.pump.mode == "copy"
+        assert r.pump.moved == r.counter.value == size
+        assert calls[direction] == 3  # no splice after the fallback
+        assert not r.pump.holds_pipe
+        assert r.pool.free == r.pool.created == 1
+    assert any("splice failed" in m for m in caplog.messages)
+
+
+def test_pipe_pool_keeps_at_most_keep_pipes_and_closes_the_rest() -> None:
+    pool = PipePool(keep=2)
+    fds = count_fds()
+    pipes = [pool.get() for _ in range(4)]
+    assert (pool.created, count_fds()) == (4, fds + 8)
+    for pipe in pipes:
+        pool.put(pipe)
+    assert (pool.free, count_fds()) == (2, fds + 4)
+    again = pool.get()
+    assert again in pipes[:2]  # reused, not created
+    assert pool.created == 4
+    pool.put(again)
+    pool.close()
+    assert (pool.free, count_fds()) == (0, fds)
