@@ -311,3 +311,23 @@ async def test_wrong_token_backs_off_and_sends_nothing_usable(
         store.token = TOKEN  # fixed: the next retry recovers
         await eventually(lambda: updates.last == {hp("10.0.0.1:6443")}, timeout=5)
     assert watcher.last_error is None
+
+
+async def test_watch_resumes_from_its_last_version_after_it_ends(
+    pki: TestPKI, slice_server: Any, tmp_path: Path
+) -> None:
+    server, store = slice_server
+    store.put("kubernetes", ["10.0.0.1"], 6443)
+    updates = Updates()
+    watcher = token_watcher(pki, server, updates, tmp_path)
+    async for _ in run_watcher(watcher):
+        await eventually(lambda: updates.last == {hp("10.0.0.1:6443")})
+        store.put("kubernetes", ["10.0.0.2"], 6443)
+        await eventually(lambda: updates.last == {hp("10.0.0.2:6443")})
+        store.end_watches()  # the apiserver's watch timeout
+        await eventually(lambda: sum(s.watch for s in store.seen) >= 2, message="re-watched")
+        store.put("kubernetes", ["10.0.0.3"], 6443)
+        await eventually(lambda: updates.last == {hp("10.0.0.3:6443")})
+    rewatch = [s for s in store.seen if s.watch][1]
+    assert rewatch.resource_version == "102"  # resumed, not re-listed
+    assert watcher.lists == 1

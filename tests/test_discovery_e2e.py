@@ -183,3 +183,27 @@ async def _gone(daemon: DaemonProcess, address: str) -> bool:
 
 async def _sources_are(daemon: DaemonProcess, address: str, expected: list[str]) -> bool:
     return await _sources(daemon, address) == expected
+
+
+async def test_localhost_entry_with_best_priority_is_used_whenever_healthy(
+    pki: TestPKI, cluster: Any, tmp_path: Path
+) -> None:
+    """A control-plane node: its own apiserver (localhost) first, the others as fallback."""
+    _store, s = cluster
+    upstreams = [{"address": f"localhost:{s['A'].port}", "priority": 0}, addr(s["B"])]
+    cfg = base_config(upstreams, healthCheck={"caFile": str(pki.paths.ca)})
+    daemon = await DaemonProcess(cfg, tmp_path).astart()
+    try:
+        ups = await daemon.aupstreams()
+        assert ups[addr(s["A"])]["sources"] == ["dns:localhost"]
+        await daemon.await_state(addr(s["A"]), "healthy")
+        async with client_session(pki) as session:
+            assert await served_by(session, daemon.port, 5) == ["A"] * 5
+            s["A"].ready_status = 500
+            await daemon.await_state(addr(s["A"]), "unhealthy")
+            assert await served_by(session, daemon.port, 3) == ["B"] * 3
+            s["A"].ready_status = 200
+            await daemon.await_state(addr(s["A"]), "healthy")
+            assert await served_by(session, daemon.port, 3) == ["A"] * 3
+    finally:
+        await daemon.astop()
