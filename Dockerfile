@@ -1,0 +1,34 @@
+# syntax=docker/dockerfile:1
+# kubeprism container image: a wheel built in one stage, installed alone in a slim runtime.
+#   docker build -t kubeprism:0.1.0 .
+#   docker run --network host -v /etc/kubeprism:/etc/kubeprism:ro kubeprism:0.1.0
+# As a static pod on every node: deploy/kubernetes/static-pod.yaml.
+
+FROM python:3.11-slim AS builder
+WORKDIR /src
+# Only what the wheel is built from (see .dockerignore): tests and benches stay out.
+COPY pyproject.toml README.md ./
+COPY kubeprism ./kubeprism
+# kubeprism and every dependency as wheels (the dependencies publish binary wheels for
+# linux x86_64 and aarch64, so no compiler is needed here either).
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:3.11-slim
+# A fixed, unprivileged uid: the static pod runs as 10001 and the node's
+# /var/lib/kubeprism is owned by it.
+RUN groupadd --system --gid 10001 kubeprism \
+    && useradd --system --uid 10001 --gid kubeprism --no-create-home \
+       --home-dir /var/lib/kubeprism --shell /usr/sbin/nologin kubeprism
+# Install from the builder's wheels only (no index), then drop the installers: nothing in
+# the final image can build or fetch code.
+RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
+    pip install --no-cache-dir --no-index --find-links=/wheels /wheels/kubeprism-*.whl \
+    && pip uninstall --yes pip setuptools wheel
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+USER 10001:10001
+# 7445 client listener, 7446 admin (/metrics /healthz /readyz /upstreams); with
+# hostNetwork both are on the node's loopback.
+EXPOSE 7445 7446
+ENTRYPOINT ["kubeprism"]
+CMD ["run", "--config", "/etc/kubeprism/kubeprism.yaml"]
