@@ -168,6 +168,7 @@ class Config:
     close_connections_on_unhealthy: bool = True
     admin: AdminConfig = field(default_factory=AdminConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    log_level: str | None = None
 
 
 # ---------------------------------------------------------------- scalar parsers
@@ -525,6 +526,7 @@ def config_from_dict(data: object) -> Config:
         close_connections_on_unhealthy=root.get("closeConnectionsOnUnhealthy", _bool, True),
         admin=_admin(root.section("admin")),
         discovery=_discovery(root.section("discovery")),
+        log_level=root.get("logLevel", _choice("debug", "info", "warning", "error"), None),
     )
     root.finish()
     _check_loopback(cfg)
@@ -589,6 +591,7 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
         "closeConnectionsOnUnhealthy": cfg.close_connections_on_unhealthy,
         "admin": {"listen": str(cfg.admin.listen) if cfg.admin.listen else ""},
         "discovery": _discovery_dict(cfg.discovery),
+        "logLevel": cfg.log_level,
     }
 
 

@@ -1,41 +1,40 @@
-"""Composition root: bind, wire, warm up, serve, drain, clean up.
+"""Composition root: bind, wire, warm up, serve, reload, drain, clean up.
 
-Everything that can fail at start (every socket) is bound before anything
-is served, so a bad port fails the start instead of leaving half a daemon.
+Everything that can fail at start (every socket, the credentials) is settled
+before anything is served, so a bad port fails the start instead of leaving
+half a daemon. Listening sockets passed by systemd (socket activation) are used
+instead of binding, so a restart refuses no connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import socket
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 from aiohttp import web
 
-from kubeprism.config import DEFAULT_PRIORITY, Config, HostPort
-from kubeprism.discovery import (
-    SOURCE_CACHE,
-    SOURCE_KUBERNETES,
-    EndpointFilter,
-    StaticDiscovery,
-    load_cache,
-    merge,
-    save_cache,
-)
+from kubeprism import systemd
+from kubeprism.config import Config, ConfigError, HostPort, load_config
 from kubeprism.health import HealthChecker, make_probe
-from kubeprism.kubewatch import SliceWatcher, load_credentials
+from kubeprism.kubewatch import Credentials, load_credentials
+from kubeprism.membership import Membership
 from kubeprism.metrics import Metrics, admin_app
 from kubeprism.proxy import Proxy, ProxySettings
-from kubeprism.upstream import Endpoint, EndpointSpec, Health, Pool, Transition
+from kubeprism.upstream import Health, Pool, Transition
 
 logger = logging.getLogger(__name__)
 
 # Deep accept queue: a node's clients reconnect all at once after a failover.
 LISTEN_BACKLOG = 4096
-# How long start-up waits for every endpoint's first probe before calling itself ready.
+# How long start-up waits for every endpoint's first probe before calling itself ready
+# (and telling systemd READY=1): long enough for a slow TLS handshake, short enough
+# that a dead control plane does not hold the node's boot.
 FIRST_PASS_TIMEOUT = 5.0
 
 
@@ -60,14 +59,14 @@ def bind_listener(address: HostPort, backlog: int = LISTEN_BACKLOG) -> socket.so
     return sock
 
 
-def bind_all(addresses: Iterable[HostPort]) -> list[socket.socket]:
+def bind_all(addresses: Iterable[HostPort]) -> dict[HostPort, socket.socket]:
     """Bind every address or none (sockets bound so far are closed on failure)."""
-    bound: list[socket.socket] = []
+    bound: dict[HostPort, socket.socket] = {}
     try:
         for address in addresses:
-            bound.append(bind_listener(address))
+            bound[address] = bind_listener(address)
     except StartupError:
-        for sock in bound:
+        for sock in bound.values():
             sock.close()
         raise
     return bound
@@ -89,94 +88,204 @@ def proxy_settings(cfg: Config) -> ProxySettings:
     )
 
 
+def _credentials(cfg: Config) -> Credentials | None:
+    kc = cfg.discovery.kubernetes
+    return load_credentials(kc) if kc.enabled else None
+
+
 class Daemon:
     """One running kubeprism: pool, checker, discovery, proxy and admin server."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, config_path: str | Path | None = None) -> None:
         self.cfg = cfg
+        self.config_path = config_path
         self.listeners: list[socket.socket] = []
         self.admin_socket: socket.socket | None = None
         self.stop_requested = asyncio.Event()
         self.force_requested = asyncio.Event()
         self._signals = 0
-        self._tasks: list[asyncio.Task[None]] = []
-        self._removals: dict[HostPort, asyncio.TimerHandle] = {}
-        kc = cfg.discovery.kubernetes
+        self._reload_task: asyncio.Task[bool] | None = None
+        self._watchdog_task: asyncio.Task[None] | None = None
         # Loaded before anything is bound, so bad credentials are a config error (exit 2).
-        self.credentials = load_credentials(kc) if kc.enabled else None
+        self.credentials = _credentials(cfg)
+
+    # ------------------------------------------------------------ start-up
 
     def bind(self) -> None:
-        """Bind every socket the config names; raise StartupError if any fails."""
+        """Adopt sockets passed by systemd, bind the rest; raise StartupError on failure."""
+        try:
+            passed = systemd.listen_fds()
+        except systemd.ListenFdsError as exc:
+            raise StartupError(str(exc)) from exc
+        match = systemd.match_listeners(passed, self.cfg.listen)
+        for sock, why in match.unmatched:
+            logger.warning("%s; closing it", why)
+            sock.close()
+        if match.matched:
+            logger.info("using %d listening socket(s) passed by systemd", len(match.matched))
         admin = [self.cfg.admin.listen] if self.cfg.admin.listen else []
-        bound = bind_all([*self.cfg.listen, *admin])
-        self.listeners = bound[: len(self.cfg.listen)]
-        self.admin_socket = bound[len(self.cfg.listen)] if admin else None
+        try:
+            bound = bind_all([*match.missing, *admin])
+        except StartupError:
+            for sock in match.matched.values():
+                sock.close()
+            raise
+        self.listeners = [match.matched.get(a) or bound[a] for a in self.cfg.listen]
+        self.admin_socket = bound[admin[0]] if admin else None
 
-    def request_stop(self, signum: int = signal.SIGTERM) -> None:
-        """First call: drain and stop. Second call: stop now."""
-        self._signals += 1
-        if self._signals == 1:
-            logger.info("received %s; draining", signal.Signals(signum).name)
-            self.stop_requested.set()
-        else:
-            logger.warning(
-                "received %s again; closing every connection now", signal.Signals(signum).name
-            )
-            self.force_requested.set()
-
-    async def run(self) -> None:
-        """Serve until asked to stop; sockets must be bound already."""
-        loop = asyncio.get_running_loop()
-        cfg = self.cfg
-        hc = cfg.health_check
+    def _build(self, loop: asyncio.AbstractEventLoop) -> None:
+        cfg, hc = self.cfg, self.cfg.health_check
         self.pool = Pool(hc.healthy_threshold, hc.unhealthy_threshold)
-        self.proxy = Proxy(loop, self.pool, proxy_settings(cfg), self._on_transition)
-        self.metrics = Metrics(self.pool, self.proxy)
-        self.proxy._observe_dial = self.metrics.observe_dial
+        self.metrics = Metrics()
+        self.proxy = Proxy(
+            loop, self.pool, proxy_settings(cfg), self._on_transition, self.metrics.observe_dial
+        )
+        self.metrics.watch(self.pool, self.proxy)
         self.probe = make_probe(hc)
         self.checker = HealthChecker(
             self.pool, self.probe, hc.interval, self._on_transition, self.metrics.observe_probe
         )
-        self.discovery = StaticDiscovery(cfg.upstreams)
-        self.seeds: dict[HostPort, EndpointSpec] = {}
-        self.discovered: set[HostPort] | None = None
-        self.cached = load_cache(cfg.discovery.cache_file) if cfg.discovery.cache_file else []
-        self.endpoint_filter = EndpointFilter(cfg.discovery.filters)
-        self.watcher = self._slice_watcher()
+        self.membership = Membership(self.pool, self.checker.sync, self._retire)
+        self.membership.configure(cfg.upstreams, cfg.discovery, self.credentials, cfg.listen[0])
         self._was_panic = True
+
+    async def run(self) -> None:
+        """Serve until asked to stop; sockets must be bound already."""
+        loop = asyncio.get_running_loop()
+        self._build(loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         runner = web.AppRunner(admin_app(self.pool, self.metrics), access_log=None)
         await runner.setup()
         try:
             await self._serve(runner)
         finally:
             await self._shutdown(runner)
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
 
     async def _serve(self, runner: web.AppRunner) -> None:
         started = time.monotonic()
-        await self._refresh_dns()
+        await self.membership.refresh()
         if self.admin_socket is not None:
             await web.SockSite(runner, self.admin_socket).start()
         self.proxy.serve(self.listeners)
-        self._spawn(self._dns_loop(), "dns refresh")
-        if self.watcher is not None:
-            # Through our own listener: discovery works whenever any upstream works.
-            self._spawn(self.watcher.run(), "endpointslice watch")
+        self.membership.start()
         complete = await self.checker.first_pass(FIRST_PASS_TIMEOUT)
         logger.info(
-            "ready in %.3fs: listening on %s, %d/%d endpoints healthy%s",
+            "ready in %.3fs: listening on %s, %s%s",
             time.monotonic() - started,
             ", ".join(str(a) for a in self.cfg.listen),
-            self.pool.healthy_count,
-            len(self.pool.endpoints),
+            self._status_text(),
             "" if complete else " (first health pass still running)",
         )
+        systemd.ready(self._status_text())
+        interval = systemd.watchdog_interval()
+        if interval:
+            self._watchdog_task = asyncio.create_task(self._watchdog(interval), name="watchdog")
         await self.stop_requested.wait()
 
+    async def _watchdog(self, interval: float) -> None:
+        """Ping systemd at half the watchdog interval while the event loop is alive."""
+        while True:
+            systemd.watchdog()
+            await asyncio.sleep(interval / 2)
+
+    # ------------------------------------------------------------ signals
+
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """First call: drain and stop. Second call: stop now."""
+        self._signals += 1
+        name = signal.Signals(signum).name
+        if self._signals == 1:
+            logger.info("received %s; draining", name)
+            self.stop_requested.set()
+        else:
+            logger.warning("received %s again; closing every connection now", name)
+            self.force_requested.set()
+
+    def request_reload(self) -> None:
+        """Re-read the config file (SIGHUP); one reload at a time."""
+        if self._reload_task is not None and not self._reload_task.done():
+            logger.warning("reload already in progress; ignoring SIGHUP")
+            return
+        self._reload_task = asyncio.create_task(self.reload(), name="reload")
+
+    # ------------------------------------------------------------ reload
+
+    async def reload(self) -> bool:
+        """Load and apply the config file; an invalid one leaves everything as it is."""
+        systemd.reloading(time.monotonic_ns() // 1000)
+        try:
+            if self.config_path is None:
+                raise ConfigError("", "no config file to reload from")
+            new = load_config(self.config_path)
+            credentials = _credentials(new)
+        except ConfigError as exc:
+            logger.error("reload rejected, keeping the running config: %s", exc)
+            self.metrics.reloaded(False)
+            systemd.ready(self._status_text())
+            return False
+        self._apply(new, credentials)
+        await self.membership.refresh()
+        self.metrics.reloaded(True)
+        logger.info("reloaded %s: %s", self.config_path, self._status_text())
+        systemd.ready(self._status_text())
+        return True
+
+    def _apply(self, new: Config, credentials: Credentials | None) -> None:
+        old = self.cfg
+        if (new.listen, new.admin) != (old.listen, old.admin):
+            logger.warning("listen and admin.listen changes take effect only after a restart")
+            new = dataclasses.replace(new, listen=old.listen, admin=old.admin)
+        self.cfg, self.credentials = new, credentials
+        if new.log_level:
+            logging.getLogger().setLevel(new.log_level.upper())
+        hc = new.health_check
+        self.pool.healthy_threshold = hc.healthy_threshold
+        self.pool.unhealthy_threshold = hc.unhealthy_threshold
+        self.proxy.update(proxy_settings(new))
+        if hc != old.health_check:
+            old_probe, self.probe = self.probe, make_probe(hc)
+            self.checker.probe, self.checker.interval = self.probe, hc.interval
+            # Probes in flight finish on the old client; close it once they must be done.
+            asyncio.get_running_loop().call_later(
+                old.health_check.timeout + 1, lambda: asyncio.ensure_future(old_probe.close())
+            )
+        self.membership.configure(new.upstreams, new.discovery, credentials, new.listen[0])
+        self.membership.start()
+
+    # ------------------------------------------------------------ events
+
+    def _retire(self, address: HostPort) -> None:
+        self.proxy.stats.closed_removed += self.proxy.close_connections_to(
+            address, "endpoint removed by discovery"
+        )
+
+    def _status_text(self) -> str:
+        text = f"{self.pool.healthy_count}/{len(self.pool.endpoints)} endpoints healthy"
+        return text + (", panic mode" if self.pool.panic else "")
+
+    def _on_transition(self, t: Transition) -> None:
+        level = logging.WARNING if t.new is Health.UNHEALTHY else logging.INFO
+        logger.log(
+            level, "endpoint %s is %s (was %s): %s", t.address, t.new.value, t.old.value, t.reason
+        )
+        self.proxy.handle_transition(t)
+        systemd.status(self._status_text())
+        panic = self.pool.panic
+        if panic != self._was_panic:
+            self._was_panic = panic
+            if panic:
+                logger.warning("no endpoint is healthy: panic mode, trying every endpoint")
+            else:
+                logger.info("left panic mode: %d endpoint(s) healthy", self.pool.healthy_count)
+
+    # ------------------------------------------------------------ shutdown
+
     async def _shutdown(self, runner: web.AppRunner) -> None:
+        systemd.stopping()
         self.proxy.stop_accepting()
         for sock in self.listeners:
             sock.close()
@@ -191,92 +300,12 @@ class Daemon:
         await self.proxy.wait_dials()
         if left:
             logger.info("closed %d connection(s) still open after draining", left)
-        for timer in self._removals.values():
-            timer.cancel()
-        if self.watcher is not None:
-            self.watcher.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for task in (self._reload_task, self._watchdog_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        await self.membership.stop()
         await self.checker.stop()
         await self.probe.close()
         await runner.cleanup()
         logger.info("stopped")
-
-    def _spawn(self, coro: object, name: str) -> None:
-        self._tasks.append(asyncio.get_running_loop().create_task(coro, name=name))  # type: ignore[arg-type]
-
-    def _slice_watcher(self) -> SliceWatcher | None:
-        if self.credentials is None:
-            return None
-        debounce = self.cfg.discovery.kubernetes.debounce
-        return SliceWatcher(self.cfg.listen[0], self.credentials, self._on_slices, debounce)
-
-    async def _refresh_dns(self) -> None:
-        self.seeds = await self.discovery.resolve()
-        self._reconcile()
-
-    async def _dns_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.discovery.dns_refresh)
-            await self._refresh_dns()
-
-    def _on_slices(self, endpoints: set[HostPort]) -> None:
-        logger.info(
-            "EndpointSlices list %d API server(s): %s",
-            len(endpoints),
-            ", ".join(str(a) for a in sorted(endpoints)),
-        )
-        self.discovered = endpoints
-        self._reconcile()
-        path = self.cfg.discovery.cache_file
-        if path:
-            try:
-                save_cache(path, endpoints)
-            except OSError as exc:
-                logger.warning("cannot write endpoint cache %s: %s", path, exc)
-
-    def _reconcile(self) -> None:
-        """Seeds plus discovered endpoints (or, until the first list, the cached ones)."""
-        if self.discovered is not None:
-            extra, source = self.discovered, SOURCE_KUBERNETES
-        else:
-            extra, source = set(self.cached), SOURCE_CACHE
-        desired = merge(self.seeds, extra, source, self.endpoint_filter, DEFAULT_PRIORITY)
-        if not desired:
-            logger.warning(
-                "no endpoint known (every name failed to resolve); keeping the current set"
-            )
-            return
-        for ep in self.pool.reconcile(desired):
-            self._retire(ep)
-        self.checker.sync()
-
-    def _retire(self, ep: Endpoint) -> None:
-        grace = self.cfg.discovery.removal_grace
-        logger.info("endpoint %s removed; closing its connections in %gs", ep.address, grace)
-
-        def close() -> None:
-            if ep.address not in self.pool.endpoints:
-                self.proxy.stats.closed_removed += self.proxy.close_connections_to(
-                    ep.address, "endpoint removed by discovery"
-                )
-
-        old = self._removals.pop(ep.address, None)
-        if old is not None:
-            old.cancel()
-        self._removals[ep.address] = asyncio.get_running_loop().call_later(grace, close)
-
-    def _on_transition(self, t: Transition) -> None:
-        level = logging.WARNING if t.new is Health.UNHEALTHY else logging.INFO
-        logger.log(
-            level, "endpoint %s is %s (was %s): %s", t.address, t.new.value, t.old.value, t.reason
-        )
-        self.proxy.handle_transition(t)
-        panic = self.pool.panic
-        if panic != self._was_panic:
-            self._was_panic = panic
-            if panic:
-                logger.warning("no endpoint is healthy: panic mode, trying every endpoint")
-            else:
-                logger.info("left panic mode: %d endpoint(s) healthy", self.pool.healthy_count)

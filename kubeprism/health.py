@@ -200,7 +200,11 @@ class HealthChecker:
     async def check_once(self, address: HostPort) -> None:
         """Probe one endpoint now and record the result."""
         started = self._clock()
-        result = await self.probe(address)
+        try:
+            result = await self.probe(address)
+        except Exception as exc:  # a probe bug counts as a failed probe, and checking goes on
+            logger.debug("probe of %s raised", address, exc_info=True)
+            result = ProbeResult(False, None, _short(f"probe error: {type(exc).__name__}: {exc}"))
         self._observe(address, self._clock() - started, result.ok)
         transition = self.pool.record_probe(
             address, result.ok, result.latency, result.reason, self._clock()

@@ -12,7 +12,14 @@ from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -53,7 +60,7 @@ assert len(_TIER_NAMES) == len(TIER_BOUNDS) + 1
 class Metrics:
     """The private registry, the histograms fed by the daemon, and the state collector."""
 
-    def __init__(self, pool: Pool, proxy: Proxy) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.dial_seconds = Histogram(
             "kubeprism_dial_duration_seconds",
@@ -69,7 +76,30 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.reloads = Counter(
+            "kubeprism_config_reloads",
+            "Configuration reloads (SIGHUP), by result.",
+            ["result"],
+            registry=self.registry,
+        )
+        for result in ("success", "failure"):
+            self.reloads.labels(result)
+        self.last_reload = Gauge(
+            "kubeprism_config_last_reload_success_timestamp_seconds",
+            "When the configuration was last loaded successfully (start or reload).",
+            registry=self.registry,
+        )
+        self.last_reload.set_to_current_time()
+
+    def watch(self, pool: Pool, proxy: Proxy) -> None:
+        """Expose the pool's and the proxy's state, read at scrape time."""
         self.registry.register(StateCollector(pool, proxy))
+
+    def reloaded(self, ok: bool) -> None:
+        """Count one reload attempt."""
+        self.reloads.labels("success" if ok else "failure").inc()
+        if ok:
+            self.last_reload.set_to_current_time()
 
     def observe_dial(self, address: HostPort, seconds: float, ok: bool) -> None:
         """Record one dial."""

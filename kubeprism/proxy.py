@@ -30,6 +30,9 @@ ACCEPT_BATCH = 64
 # the listener comes back by itself once descriptors are free.
 ACCEPT_BACKOFF = 0.1
 _ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# Dial errors that are this host's fault (out of fds, memory or ephemeral ports): they
+# say nothing about the upstream, so they must not mark it unhealthy.
+_LOCAL_DIAL_ERRORS = _ACCEPT_RESOURCE_ERRORS | {errno.EADDRNOTAVAIL}
 _TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
 # SO_LINGER {on, 0 s}: close with RST, so a dead upstream leaves no FIN_WAIT behind.
 _LINGER_RST = struct.pack("ii", 1, 0)
@@ -63,6 +66,7 @@ class ProxyStats:
     closed_idle: int = 0
     closed_removed: int = 0
     dial_failures: int = 0
+    local_dial_errors: int = 0
     upstream_bytes: ByteCounter = field(default_factory=ByteCounter)  # client -> upstream
     client_bytes: ByteCounter = field(default_factory=ByteCounter)  # upstream -> client
 
@@ -166,7 +170,7 @@ class Proxy:
         self.scratch = bytearray(65536 * 4)
         self.stats = ProxyStats()
         self._on_transition = on_transition
-        self._observe_dial = observe_dial or (lambda _a, _s, _ok: None)
+        self.observe_dial = observe_dial or (lambda _a, _s, _ok: None)
         self._clock = clock
         self._listeners: list[socket.socket] = []
         self._by_endpoint: dict[HostPort, set[Connection]] = {}
@@ -188,6 +192,18 @@ class Proxy:
             lsock.setblocking(False)
             self._listeners.append(lsock)
             self.loop.add_reader(lsock.fileno(), self._on_accept, lsock)
+        self._sweep_if_needed()
+
+    def update(self, settings: ProxySettings) -> None:
+        """New settings (a reload): they apply to new connections and dials."""
+        self.settings = settings
+        self.mode = settings.mode
+        if settings.idle_timeout <= 0 and self._idle_task is not None:
+            self._idle_task.cancel()
+            self._idle_task = None
+        self._sweep_if_needed()
+
+    def _sweep_if_needed(self) -> None:
         if self.settings.idle_timeout > 0 and self._idle_task is None:
             self._idle_task = self.loop.create_task(self._idle_sweeper(), name="idle sweeper")
 
@@ -261,21 +277,29 @@ class Proxy:
         started = self._clock()
         try:
             upstream = await self._dial(address)
-        except (OSError, TimeoutError) as exc:
-            elapsed = self._clock() - started
-            self.stats.dial_failures += 1
-            self._observe_dial(address, elapsed, False)
-            reason = (
-                f"dial timed out after {self.settings.dial_timeout:g}s"
-                if isinstance(exc, TimeoutError)
-                else f"dial failed: {(exc.strerror or str(exc)).lower()}"
-            )
-            transition = self.pool.record_dial(address, False, reason, self._clock())
-            if transition is not None:
-                self._on_transition(transition)
+        except OSError as exc:
+            if exc.errno in _LOCAL_DIAL_ERRORS:
+                self.stats.local_dial_errors += 1
+                logger.warning("cannot dial %s: %s (a local limit, not the upstream)", address, exc)
+                return None
+            self._dial_failed(address, started, exc)
             return None
-        self._observe_dial(address, self._clock() - started, True)
+        self.observe_dial(address, self._clock() - started, True)
         return upstream
+
+    def _dial_failed(self, address: HostPort, started: float, exc: OSError) -> None:
+        """Count and report a dial failure (the passive health check)."""
+        elapsed = self._clock() - started
+        self.stats.dial_failures += 1
+        self.observe_dial(address, elapsed, False)
+        reason = (
+            f"dial timed out after {self.settings.dial_timeout:g}s"
+            if isinstance(exc, TimeoutError)
+            else f"dial failed: {(exc.strerror or str(exc)).lower()}"
+        )
+        transition = self.pool.record_dial(address, False, reason, self._clock())
+        if transition is not None:
+            self._on_transition(transition)
 
     async def _dial(self, address: HostPort) -> socket.socket:
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET

@@ -64,6 +64,9 @@ class DaemonProcess:
         netns: NetNS | None = None,
         extra_args: list[str] | None = None,
         preexec_fn: Any = None,
+        env: dict[str, str] | None = None,
+        wrap: list[str] | None = None,
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
         self.config = config
         self.workdir = workdir
@@ -72,6 +75,9 @@ class DaemonProcess:
         self.log_path = workdir / f"kubeprism-{id(self)}.log"
         self.extra_args = extra_args or []
         self.preexec_fn = preexec_fn
+        self.env = env or {}
+        self.wrap = wrap or []  # a launcher that execs the daemon (socket activation)
+        self.pass_fds = pass_fds
         self.proc: subprocess.Popen[bytes] | None = None
 
     # ---------------------------------------------------------------- addresses
@@ -105,8 +111,10 @@ class DaemonProcess:
     def start(self, wait: bool = True) -> DaemonProcess:
         """Write the config, start the process, and (by default) wait for /healthz."""
         self.config_path.write_text(yaml.safe_dump(self.config))
-        argv = self.argv() if self.netns is None else self.netns.exec_args(self.argv())
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        argv = [*self.wrap, *self.argv()]
+        if self.netns is not None:
+            argv = self.netns.exec_args(argv)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 argv,
@@ -115,6 +123,7 @@ class DaemonProcess:
                 cwd=REPO,
                 env=env,
                 preexec_fn=self.preexec_fn,
+                pass_fds=self.pass_fds,
             )
         if wait:
             wait_for(self._alive_and_serving, START_TIMEOUT, 0.02, "daemon answers /healthz")

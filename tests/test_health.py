@@ -279,18 +279,24 @@ async def test_stop_right_after_sync_removed_every_endpoint_leaves_no_task() -> 
         assert health_tasks() == {}
 
 
-async def test_unexpected_probe_exception_is_logged_and_checking_continues(
+async def test_a_probe_that_raises_counts_as_failed_and_checking_continues(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="kubeprism.health")
+    caplog.set_level(logging.DEBUG, logger="kubeprism.health")
     async with harness(A) as h:
         h.probe.push(A, RuntimeError("checker bug"), OK)
         await eventually(lambda: h.pool.endpoints[A].health is Health.HEALTHY)
         assert len(h.sleep.delays[f"health {A}"]) >= 1  # it waited after the crash too
+        # The first answer decides an unknown endpoint: the crash made it unhealthy, with
+        # the reason shown; the next good probe made it healthy again.
+        assert [(t.new, t.reason) for t in h.transitions] == [
+            (Health.UNHEALTHY, "probe error: RuntimeError: checker bug"),
+            (Health.HEALTHY, "ok"),
+        ]
+        assert h.checker._first.is_set()  # the first pass does not hang on a broken probe
     [record] = [r for r in caplog.records if r.name == "kubeprism.health"]
-    assert record.getMessage() == f"health check of {A} failed unexpectedly"
-    assert record.exc_info is not None
-    assert isinstance(record.exc_info[1], RuntimeError)
+    assert record.levelno == logging.DEBUG  # the transition is the visible log line
+    assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
 
 
 async def test_stop_cancels_loops_with_probes_in_flight() -> None:

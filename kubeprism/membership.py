@@ -1,0 +1,163 @@
+"""Keeps the pool's endpoint set equal to seeds + discovery, and retires what leaves.
+
+Sources: the configured upstreams (names re-resolved every dnsRefresh), the
+Kubernetes EndpointSlice watch, and until that watch first answers, the
+on-disk cache of what it said last time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from kubeprism.config import DEFAULT_PRIORITY, DiscoveryConfig, HostPort, UpstreamSpec
+from kubeprism.discovery import (
+    SOURCE_CACHE,
+    SOURCE_KUBERNETES,
+    EndpointFilter,
+    StaticDiscovery,
+    load_cache,
+    merge,
+    save_cache,
+)
+from kubeprism.kubewatch import Credentials, SliceWatcher
+from kubeprism.upstream import EndpointSpec, Pool
+
+logger = logging.getLogger(__name__)
+
+
+class Membership:
+    """Merges every endpoint source into the pool."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        on_changed: Callable[[], None],
+        retire: Callable[[HostPort], None],
+    ) -> None:
+        self.pool = pool
+        self._on_changed = on_changed
+        self._retire = retire
+        self.seeds: dict[HostPort, EndpointSpec] = {}
+        self.discovered: set[HostPort] | None = None
+        self.cached: list[HostPort] = []
+        self._static = StaticDiscovery(())
+        self._filter = EndpointFilter(())
+        self._dc = DiscoveryConfig()
+        self._watch_key: tuple[Any, ...] | None = None
+        self._watcher: SliceWatcher | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._dns_task: asyncio.Task[None] | None = None
+        self._removals: dict[HostPort, asyncio.TimerHandle] = {}
+        self._stopped: set[asyncio.Task[None]] = set()
+
+    def configure(
+        self,
+        upstreams: tuple[UpstreamSpec, ...],
+        dc: DiscoveryConfig,
+        credentials: Credentials | None,
+        watch_target: HostPort,
+    ) -> None:
+        """Apply (new) settings; the watch restarts only if its own settings changed."""
+        first = self._watch_key is None
+        self._static = StaticDiscovery(upstreams)
+        self._filter = EndpointFilter(dc.filters)
+        self._dc = dc
+        if first and dc.cache_file:
+            self.cached = load_cache(dc.cache_file)
+        key = (dc.kubernetes, watch_target)
+        if key != self._watch_key:
+            self._watch_key = key
+            self._stop_watch()
+            if credentials is not None:
+                self._watcher = SliceWatcher(
+                    watch_target, credentials, self._on_slices, dc.kubernetes.debounce
+                )
+
+    def start(self) -> None:
+        """Start the DNS refresh loop and the EndpointSlice watch (if enabled)."""
+        if self._dns_task is None:
+            self._dns_task = _task(self._dns_loop(), "dns refresh")
+        if self._watcher is not None and self._watch_task is None:
+            # Through our own listener: discovery works whenever any upstream works.
+            self._watch_task = _task(self._watcher.run(), "endpointslice watch")
+
+    async def refresh(self) -> None:
+        """Resolve the configured names now and apply the result."""
+        self.seeds = await self._static.resolve()
+        self.reconcile()
+
+    async def _dns_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._dc.dns_refresh)
+            await self.refresh()
+
+    def _on_slices(self, endpoints: set[HostPort]) -> None:
+        logger.info(
+            "EndpointSlices list %d API server(s): %s",
+            len(endpoints),
+            ", ".join(str(a) for a in sorted(endpoints)),
+        )
+        self.discovered = endpoints
+        self.reconcile()
+        if self._dc.cache_file:
+            try:
+                save_cache(self._dc.cache_file, endpoints)
+            except OSError as exc:
+                logger.warning("cannot write endpoint cache %s: %s", self._dc.cache_file, exc)
+
+    def reconcile(self) -> None:
+        """Seeds plus discovered endpoints (or, until the first list, the cached ones)."""
+        if self.discovered is not None:
+            extra, source = self.discovered, SOURCE_KUBERNETES
+        else:
+            extra, source = set(self.cached), SOURCE_CACHE
+        desired = merge(self.seeds, extra, source, self._filter, DEFAULT_PRIORITY)
+        if not desired:
+            logger.warning("no endpoint known (every name failed to resolve); keeping the set")
+            return
+        for ep in self.pool.reconcile(desired):
+            self._schedule_retire(ep.address)
+        self._on_changed()
+
+    def _schedule_retire(self, address: HostPort) -> None:
+        grace = self._dc.removal_grace
+        logger.info("endpoint %s removed; closing its connections in %gs", address, grace)
+
+        def close() -> None:
+            self._removals.pop(address, None)
+            if address not in self.pool.endpoints:  # unless it came back meanwhile
+                self._retire(address)
+
+        old = self._removals.pop(address, None)
+        if old is not None:
+            old.cancel()
+        self._removals[address] = asyncio.get_running_loop().call_later(grace, close)
+
+    def _stop_watch(self) -> None:
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            self._stopped.add(self._watch_task)  # awaited in stop()
+            self._watch_task = None
+
+    async def stop(self) -> None:
+        """Stop every loop and pending removal."""
+        for timer in self._removals.values():
+            timer.cancel()
+        self._removals.clear()
+        self._stop_watch()
+        tasks = [*self._stopped, *([self._dns_task] if self._dns_task else [])]
+        self._stopped.clear()
+        if self._dns_task is not None:
+            self._dns_task.cancel()
+            self._dns_task = None
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _task(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    return asyncio.get_running_loop().create_task(coro, name=name)
