@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from netns import NetNS
 from util import eventually, free_port, wait_for
 
