@@ -10,24 +10,21 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
-import functools
 import itertools
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import pytest
-import uvloop
 from util import eventually, open_fds
+from uvloop_runner import on_uvloop
 
 from kubeprism.config import HostPort
 from kubeprism.proxy import ACCEPT_BACKOFF, Proxy, ProxySettings
 from kubeprism.upstream import EndpointSpec, Health, Pool, Transition
-
-AsyncTest = Callable[..., Coroutine[Any, Any, None]]
 
 SETTINGS = ProxySettings(
     dial_timeout=2.0,
@@ -40,34 +37,6 @@ SETTINGS = ProxySettings(
     idle_timeout=0.0,
     close_on_unhealthy=True,
 )
-
-
-def on_uvloop(test: AsyncTest) -> Callable[..., None]:
-    """Run an async test on a fresh uvloop loop; fail on loop errors, leftover tasks or fds.
-
-    pytest-asyncio 1.5 deprecates overriding ``event_loop_policy`` (a warning, so an error
-    here) and its replacement hook lives in conftest.py; a private runner is simpler.
-    """
-
-    @functools.wraps(test)
-    def run(*args: Any, **kwargs: Any) -> None:
-        errors: list[dict[str, Any]] = []
-        uvloop.new_event_loop().close()  # uvloop opens a process-wide pipe on first use
-        fds_before = open_fds()
-
-        async def main() -> None:
-            asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: errors.append(ctx))
-            await test(*args, **kwargs)
-            left = asyncio.all_tasks() - {asyncio.current_task()}
-            assert not left, f"tasks left behind: {left}"
-
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(main())
-        assert not errors, f"loop errors: {errors}"
-        leaked = set(open_fds().items()) - set(fds_before.items())
-        assert not leaked, f"fds left open: {sorted(leaked)}"
-
-    return run
 
 
 # ---------------------------------------------------------------------------------------------

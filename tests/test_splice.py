@@ -14,20 +14,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import hashlib
 import logging
 import os
 import random
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-import uvloop
-from util import count_fds, eventually, open_fds
+from util import count_fds, eventually
+from uvloop_runner import on_uvloop
 
 from kubeprism import splice
 from kubeprism.splice import SCRATCH_SIZE, ByteCounter, Mode, PipePool, Pump
@@ -36,36 +35,6 @@ MODES: list[Mode] = ["splice", "copy"]
 MiB = 1 << 20
 # Small kernel buffers on the pump's output leg, so a non-reading sink stalls it quickly.
 SMALL_BUFFER = 64 * 1024
-
-AsyncTest = Callable[..., Coroutine[Any, Any, None]]
-
-
-def on_uvloop(test: AsyncTest) -> Callable[..., None]:
-    """Run an async test on a fresh uvloop loop; fail on loop errors, leftover tasks or fds.
-
-    pytest-asyncio 1.5 deprecates overriding ``event_loop_policy`` (a warning, so an error
-    here) and its replacement hook lives in conftest.py; a private runner is simpler.
-    """
-
-    @functools.wraps(test)
-    def run(*args: Any, **kwargs: Any) -> None:
-        errors: list[dict[str, Any]] = []
-        uvloop.new_event_loop().close()  # uvloop opens a process-wide pipe on first use
-        fds_before = open_fds()
-
-        async def main() -> None:
-            asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: errors.append(ctx))
-            await test(*args, **kwargs)
-            left = asyncio.all_tasks() - {asyncio.current_task()}
-            assert not left, f"tasks left behind: {left}"
-
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(main())
-        assert not errors, f"loop errors: {errors}"
-        leaked = set(open_fds().items()) - set(fds_before.items())
-        assert not leaked, f"fds left open: {sorted(leaked)}"
-
-    return run
 
 
 class RecordingLoop:
