@@ -25,6 +25,11 @@ logger = logging.getLogger(__name__)
 
 # +/-10 % on every wait so thousands of nodes drift apart instead of probing in step.
 JITTER = 0.1
+# While an endpoint is in doubt (a failure not yet enough to mark it down, or a success
+# not yet enough to bring it back), check again after this fraction of the interval:
+# detection takes ~1 interval instead of `threshold` intervals, and the extra probes
+# happen only while something is actually changing.
+RECHECK_FRACTION = 0.25
 # Keep a reason short enough for a log line and a /upstreams cell.
 MAX_REASON = 160
 
@@ -221,7 +226,9 @@ class HealthChecker:
             except Exception:  # a checker bug must not stop checking
                 logger.exception("health check of %s failed unexpectedly", address)
             jitter = 1 + JITTER * (2 * self._rand() - 1)
-            await self._sleep(max(0.0, self.interval * jitter - (self._clock() - started)))
+            ep = self.pool.endpoints.get(address)
+            wait = self.interval * (RECHECK_FRACTION if ep is not None and ep.in_doubt else 1)
+            await self._sleep(max(0.0, wait * jitter - (self._clock() - started)))
 
     async def stop(self) -> None:
         """Cancel every probe loop and wait for them."""

@@ -72,6 +72,18 @@ class Endpoint:
     probes: int = field(default=0)
 
     @property
+    def suspect(self) -> bool:
+        """Healthy, but the last check or dial failed (not yet enough to flip)."""
+        return self.health is Health.HEALTHY and self.failures > 0
+
+    @property
+    def in_doubt(self) -> bool:
+        """Between states: recent results disagree with the current state."""
+        if self.health is Health.HEALTHY:
+            return self.failures > 0
+        return self.health is Health.UNHEALTHY and self.successes > 0
+
+    @property
     def tier(self) -> int:
         """Latency tier, 0 (fastest) .. len(TIER_BOUNDS); UNKNOWN_TIER if unmeasured."""
         if self.latency is None:
@@ -122,8 +134,9 @@ class Pool:
     def candidates(self) -> list[Endpoint]:
         """Endpoints in the order to dial them for one new connection.
 
-        Healthy endpoints first, by priority, latency tier, then fewest active
-        connections, rotating among exact ties so they share the load. The
+        Healthy endpoints first (suspect ones, whose last check failed, after
+        the others), by priority, latency tier, then fewest active connections,
+        rotating among exact ties so they share the load. The
         others follow as a last resort, so a client is refused only when no
         endpoint accepts. With none healthy (panic), all of them are ordered
         the same way: a broken checker must not be worse than no checker.
@@ -199,11 +212,13 @@ class Pool:
         return transition
 
 
-def _preference(ep: Endpoint) -> tuple[int, int, int]:
-    return (ep.priority, ep.tier, ep.active)
+def _preference(ep: Endpoint) -> tuple[bool, int, int, int]:
+    # A healthy endpoint whose last check failed is suspect: hysteresis keeps its
+    # connections open, but new ones go elsewhere until it answers again.
+    return (ep.suspect, ep.priority, ep.tier, ep.active)
 
 
-def _last_resort(ep: Endpoint) -> tuple[bool, int, int, int]:
+def _last_resort(ep: Endpoint) -> tuple[bool, bool, int, int, int]:
     # Unknown before unhealthy: an unchecked endpoint has not failed yet.
     return (ep.health is Health.UNHEALTHY, *_preference(ep))
 

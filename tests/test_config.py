@@ -1005,3 +1005,47 @@ def test_durations_reject_non_finite_floats_from_yaml() -> None:
     # YAML turns ".inf" into a float; a duration must still be a string with a unit.
     for value in (math.inf, math.nan, yaml.safe_load(".inf")):
         assert error(at("dialTimeout", value)).key == "dialTimeout"
+
+
+# ---------------------------------------------------------------- discovery and logging
+
+
+@pytest.mark.parametrize(
+    ("value", "key"),
+    [
+        ("10.0.0.0/8", "discovery.filters"),
+        (["10.0.0.0/33"], "discovery.filters[0]"),
+        (["10.0.0.0/8", "!nope"], "discovery.filters[1]"),
+        ([7], "discovery.filters[0]"),
+    ],
+)
+def test_bad_filters_name_the_entry(value: object, key: str) -> None:
+    assert error(at("discovery.filters", value)).key == key
+
+
+def test_filters_are_normalised() -> None:
+    cfg = config_from_dict(at("discovery.filters", ["10.1.2.3/8", "!fd00::1/8"]))
+    assert cfg.discovery.filters == ("10.0.0.0/8", "!fd00::/8")
+
+
+def test_kubernetes_discovery_needs_credentials(tmp_path: Path) -> None:
+    exc = error(at("discovery.kubernetes", {"enabled": True}))
+    assert exc.key == "discovery.kubernetes.kubeconfig"
+    token = tmp_path / "token"
+    token.write_text("t")
+    both = {"enabled": True, "kubeconfig": str(token), "tokenFile": str(token)}
+    assert error(at("discovery.kubernetes", both)).key == "discovery.kubernetes.tokenFile"
+    ok = config_from_dict(at("discovery.kubernetes", {"enabled": True, "tokenFile": str(token)}))
+    assert ok.discovery.kubernetes.token_file == str(token)
+
+
+def test_cache_file_empty_disables_it() -> None:
+    assert config_from_dict(at("discovery.cacheFile", "")).discovery.cache_file is None
+    assert config_from_dict(at("discovery.cacheFile", "/x/e.json")).discovery.cache_file == (
+        "/x/e.json"
+    )
+
+
+def test_log_level() -> None:
+    assert config_from_dict(at("logLevel", "debug")).log_level == "debug"
+    assert error(at("logLevel", "loud")).key == "logLevel"

@@ -31,6 +31,7 @@ from kubeprism.config import HealthCheckConfig, HostPort
 from kubeprism.health import (
     JITTER,
     MAX_REASON,
+    RECHECK_FRACTION,
     HealthChecker,
     HttpsProbe,
     ProbeResult,
@@ -210,8 +211,9 @@ async def test_wait_is_jittered_interval_minus_probe_duration(r: float) -> None:
         h.probe.push(A, Step(OK, duration=0.3), Step(fail(), duration=0.0))
         await eventually(lambda: len(h.sleep.delays[f"health {A}"]) == 2)
         jitter = 1 + JITTER * (2 * r - 1)
+        # After the failure the endpoint is in doubt: the next check comes sooner.
         assert h.sleep.delays[f"health {A}"] == pytest.approx(
-            [INTERVAL * jitter - 0.3, INTERVAL * jitter]
+            [INTERVAL * jitter - 0.3, INTERVAL * RECHECK_FRACTION * jitter]
         )
 
 
@@ -543,3 +545,14 @@ async def test_tcp_probe_ok_refused_and_timeout() -> None:
     assert result == ProbeResult(False, None, "timed out after 0.3s")
     assert 0.25 <= elapsed < 0.8
     await probe.close()
+
+
+async def test_in_doubt_endpoints_are_rechecked_sooner_until_settled() -> None:
+    async with harness(A, unhealthy_threshold=3, healthy_threshold=2) as h:
+        h.probe.push(A, OK, fail(), fail(), fail(), OK, OK, OK)
+        await eventually(lambda: len(h.sleep.delays[f"health {A}"]) == 7)
+        fast, slow = INTERVAL * RECHECK_FRACTION, INTERVAL
+        # healthy | suspect | suspect | down | recovering | back | steady
+        assert h.sleep.delays[f"health {A}"] == pytest.approx(
+            [slow, fast, fast, slow, fast, slow, slow]
+        )

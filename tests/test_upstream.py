@@ -722,3 +722,30 @@ class PoolMachine(RuleBasedStateMachine):
 
 TestPoolMachine = PoolMachine.TestCase
 TestPoolMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+def test_a_suspect_endpoint_gets_new_connections_only_after_clean_ones() -> None:
+    pool = pool_of(3, unhealthy_threshold=3)
+    for i in range(3):
+        pool.record_probe(addr(i), True, 0.005, "ok", 0.0)
+    pool.reconcile({addr(0): spec(0), addr(1): spec(100), addr(2): spec(100)})
+    assert order(pool)[0] == 0  # best priority
+    pool.record_probe(addr(0), False, None, "HTTP 500", 1.0)  # one failure: not enough to flip
+    assert pool.endpoints[addr(0)].health is Health.HEALTHY
+    assert pool.endpoints[addr(0)].suspect and pool.endpoints[addr(0)].in_doubt
+    assert order(pool)[-1] == 0  # still healthy, but asked last
+    pool.record_probe(addr(0), True, 0.005, "ok", 2.0)
+    assert not pool.endpoints[addr(0)].suspect
+    assert order(pool)[0] == 0
+
+
+def test_in_doubt_covers_both_directions() -> None:
+    pool = pool_of(1, healthy_threshold=2, unhealthy_threshold=2)
+    ep = pool.endpoints[addr(0)]
+    assert not ep.in_doubt  # unknown
+    pool.record_probe(addr(0), False, None, "refused", 0.0)
+    assert ep.health is Health.UNHEALTHY and not ep.in_doubt
+    pool.record_probe(addr(0), True, 0.001, "ok", 1.0)
+    assert ep.health is Health.UNHEALTHY and ep.in_doubt and not ep.suspect
+    pool.record_probe(addr(0), True, 0.001, "ok", 2.0)
+    assert ep.health is Health.HEALTHY and not ep.in_doubt
