@@ -191,9 +191,11 @@ def _add_kubeconfig_parser(sub: argparse._SubParsersAction[argparse.ArgumentPars
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon until stopped."""
     cfg = load_config(args.config)
+    if cfg.log_level:
+        logging.getLogger().setLevel(cfg.log_level.upper())
 
     async def main() -> None:
-        daemon = Daemon(cfg)
+        daemon = Daemon(cfg, args.config)
         daemon.bind()
         await daemon.run()
 
