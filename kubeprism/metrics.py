@@ -231,6 +231,7 @@ def endpoint_view(ep: Endpoint) -> dict[str, Any]:
         "sources": sorted(ep.sources),
         "priority": ep.priority,
         "state": ep.health.value,
+        "suspect": ep.suspect,
         "reason": ep.reason,
         "latencySeconds": ep.latency,
         "tier": tier_name(ep),

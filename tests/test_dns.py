@@ -44,7 +44,9 @@ def test_name_expands_to_every_address_and_is_re_resolved(
     port = free_port()  # the same port on three loopback addresses inside the namespace
     servers = [
         StandinProcess(
-            standin_argv(f"S{i}", pki.paths.server_cert, pki.paths.server_key, f"127.0.0.{i}", port),
+            standin_argv(
+                f"S{i}", pki.paths.server_cert, pki.paths.server_key, f"127.0.0.{i}", port
+            ),
             popen=ns.popen,
         )
         for i in (1, 2, 3)
@@ -67,8 +69,10 @@ def test_name_expands_to_every_address_and_is_re_resolved(
             with hosts.open("w") as f:
                 f.write(f"127.0.0.1 localhost\n127.0.0.2 {NAME}\n127.0.0.3 {NAME}\n")
             wait_for(
-                lambda: set(daemon.upstreams()) - {"_panic"}
-                == {f"127.0.0.2:{port}", f"127.0.0.3:{port}"},
+                lambda: (
+                    set(daemon.upstreams()) - {"_panic"}
+                    == {f"127.0.0.2:{port}", f"127.0.0.3:{port}"}
+                ),
                 10,
                 message="re-resolved to .2 and .3",
             )

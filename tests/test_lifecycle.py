@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
 import pytest
 from daemon_proc import REPO, DaemonProcess, base_config
 from tcpservers import EchoServer
