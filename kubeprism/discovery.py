@@ -12,17 +12,15 @@ dropped, so in the worst case kubeprism behaves like the seeds alone.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import json
 import logging
-import os
 import socket
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from pathlib import Path
 
+from kubeprism.atomic import write_atomically
 from kubeprism.config import HostPort, UpstreamSpec
 from kubeprism.upstream import EndpointSpec, specs_from
 
@@ -154,21 +152,4 @@ def save_cache(path: str, endpoints: Iterable[HostPort]) -> None:
         "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "endpoints": [{"host": a.host, "port": a.port} for a in sorted(endpoints)],
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        os.fchmod(fd, CACHE_MODE)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(body, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomically(target, json.dumps(body, indent=1) + "\n", CACHE_MODE)

@@ -7,18 +7,18 @@ mapping order; it does not keep comments, which kubeadm-written files do not hav
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import difflib
 import os
 import stat
-import tempfile
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from kubeprism.atomic import write_atomically as write_file
 
 DEFAULT_KUBECONFIG = "/etc/kubernetes/kubelet.conf"
 DEFAULT_SERVER = "https://127.0.0.1:7445"
@@ -195,22 +195,4 @@ def write_atomically(target: Path, text: str, mode_from: Path) -> None:
         st = os.stat(target if target.exists() else mode_from)
     except OSError as exc:
         raise KubeconfigError(f"{mode_from}: cannot stat: {exc.strerror or exc}") from exc
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as out:
-            os.fchmod(out.fileno(), stat.S_IMODE(st.st_mode))
-            with contextlib.suppress(PermissionError):  # only root may give files away
-                os.fchown(out.fileno(), st.st_uid, st.st_gid)
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    write_file(target, text, stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid))
