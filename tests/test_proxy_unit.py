@@ -262,6 +262,23 @@ async def test_forwards_and_counts_active_connections(mode: str) -> None:
 
 
 @on_uvloop
+async def test_socket_options_on_both_legs() -> None:
+    """NODELAY both ways; keepalive and TCP_USER_TIMEOUT on the upstream leg, as configured."""
+    async with NamedEcho("A") as a, serving(healthy_pool(a.address)) as rig:
+        await rig.connect()
+        [conn] = rig.proxy._by_endpoint[a.address]
+        tcp = socket.IPPROTO_TCP
+        assert conn.client.getsockopt(tcp, socket.TCP_NODELAY)
+        up = conn.upstream
+        assert up.getsockopt(tcp, socket.TCP_NODELAY)
+        assert up.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+        assert up.getsockopt(tcp, socket.TCP_KEEPIDLE) == SETTINGS.keepalive_idle
+        assert up.getsockopt(tcp, socket.TCP_KEEPINTVL) == SETTINGS.keepalive_interval
+        assert up.getsockopt(tcp, socket.TCP_KEEPCNT) == SETTINGS.keepalive_count
+        assert up.getsockopt(tcp, socket.TCP_USER_TIMEOUT) == SETTINGS.user_timeout * 1000
+
+
+@on_uvloop
 async def test_close_connections_to_closes_only_that_endpoint() -> None:
     async with (
         NamedEcho("A") as a,
