@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import random
 import ssl
@@ -32,6 +33,12 @@ JITTER = 0.1
 RECHECK_FRACTION = 0.25
 # Keep a reason short enough for a log line and a /upstreams cell.
 MAX_REASON = 160
+# Probe errors that are this host's fault (out of fds, memory or ephemeral ports): they
+# say nothing about the endpoint, and counting them would close every healthy
+# endpoint's connections exactly when the node is already struggling.
+LOCAL_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +48,7 @@ class ProbeResult:
     ok: bool
     latency: float | None
     reason: str
+    local: bool = False  # failed on this host (out of fds, ...): no verdict on the endpoint
 
 
 Probe = Callable[[HostPort], Awaitable[ProbeResult]]
@@ -74,6 +82,17 @@ def describe_error(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, OSError):
         return _short(f"connect failed: {exc.strerror or exc}")
     return _short(f"{type(exc).__name__}: {exc}")
+
+
+def is_local_error(exc: BaseException) -> bool:
+    """True when the error is this host's (EMFILE, ENOMEM, ...), not the endpoint's."""
+    os_error = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
+    return isinstance(os_error, OSError) and os_error.errno in LOCAL_ERRNOS
+
+
+def failed(exc: BaseException, timeout: float) -> ProbeResult:
+    """The result of a probe that raised."""
+    return ProbeResult(False, None, describe_error(exc, timeout), is_local_error(exc))
 
 
 def client_ssl_context(hc: HealthCheckConfig) -> ssl.SSLContext:
@@ -112,7 +131,7 @@ class HttpsProbe:
                 body = await resp.content.read(512)
                 status = resp.status
         except (aiohttp.ClientError, OSError, TimeoutError, ssl.SSLError) as exc:
-            return ProbeResult(False, None, describe_error(exc, self.hc.timeout))
+            return failed(exc, self.hc.timeout)
         latency = time.monotonic() - started
         if status == 200:
             return ProbeResult(True, latency, "ok")
@@ -138,7 +157,7 @@ class TcpProbe:
             async with asyncio.timeout(self.timeout):
                 _reader, writer = await asyncio.open_connection(address.host, address.port)
         except (OSError, TimeoutError) as exc:
-            return ProbeResult(False, None, describe_error(exc, self.timeout))
+            return failed(exc, self.timeout)
         latency = time.monotonic() - started
         writer.close()
         with contextlib.suppress(OSError):
@@ -173,6 +192,8 @@ class HealthChecker:
         # Loops cancelled by sync() but not finished yet: stop() must wait for them too.
         self._retired: set[asyncio.Task[None]] = set()
         self._first = asyncio.Event()
+        # Endpoints whose last probe could not run for a local reason (logged once per spell).
+        self._local_failures: set[HostPort] = set()
 
     def sync(self) -> None:
         """Start loops for new endpoints and stop those of removed ones."""
@@ -210,6 +231,14 @@ class HealthChecker:
         except Exception as exc:  # a probe bug counts as a failed probe, and checking goes on
             logger.debug("probe of %s raised", address, exc_info=True)
             result = ProbeResult(False, None, _short(f"probe error: {type(exc).__name__}: {exc}"))
+        if result.local:
+            if address not in self._local_failures:
+                logger.warning(
+                    "cannot probe %s: %s (a local limit, not the endpoint)", address, result.reason
+                )
+            self._local_failures.add(address)
+            return
+        self._local_failures.discard(address)
         self._observe(address, self._clock() - started, result.ok)
         transition = self.pool.record_probe(
             address, result.ok, result.latency, result.reason, self._clock()

@@ -37,6 +37,7 @@ from kubeprism.health import (
     ProbeResult,
     TcpProbe,
     describe_error,
+    is_local_error,
     make_probe,
 )
 from kubeprism.upstream import EndpointSpec, Health, Pool, Transition
@@ -301,6 +302,23 @@ async def test_a_probe_that_raises_counts_as_failed_and_checking_continues(
     assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
 
 
+async def test_a_probe_failing_for_a_local_reason_is_no_verdict_on_the_endpoint(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Out of fds, a probe cannot even open its socket: that must not mark the endpoint
+    down (and close its connections), only be logged, once per spell."""
+    local = ProbeResult(False, None, "connect failed: Too many open files", local=True)
+    async with harness(A) as h:
+        h.probe.push(A, OK, local, local, local, OK, local)
+        await eventually(lambda: h.probe.calls[A] == 7)
+        assert h.transitions == [Transition(A, Health.UNKNOWN, Health.HEALTHY, "ok")]
+        assert h.pool.endpoints[A].failures == 0
+        assert [ok for _a, _s, ok in h.observed] == [True, True]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "kubeprism.health"]
+    reason = "connect failed: Too many open files"
+    assert warnings == [f"cannot probe {A}: {reason} (a local limit, not the endpoint)"] * 2
+
+
 async def test_stop_cancels_loops_with_probes_in_flight() -> None:
     async with harness(A, B, C) as h:
         await eventually(lambda: sum(h.probe.inflight.values()) == 3)
@@ -363,6 +381,22 @@ HOSTNAME_MISMATCH = "Hostname mismatch, certificate is not valid for 'kubernetes
 def test_describe_error(exc: BaseException, reason: str) -> None:
     assert describe_error(exc, 0.8) == reason
     assert len(reason) <= MAX_REASON
+
+
+@pytest.mark.parametrize(
+    ("exc", "local"),
+    [
+        (aiohttp.ClientConnectorError(_key(), OSError(errno.EMFILE, "Too many open files")), True),
+        (OSError(errno.ENFILE, "Too many open files in system"), True),
+        (OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address"), True),
+        (aiohttp.ClientConnectorError(_key(), ConnectionRefusedError(111, "Refused")), False),
+        (OSError(errno.EHOSTUNREACH, "No route to host"), False),
+        (TimeoutError(), False),
+    ],
+    ids=lambda v: str(getattr(getattr(v, "os_error", v), "errno", v)),
+)
+def test_local_errors_are_told_apart(exc: BaseException, local: bool) -> None:
+    assert is_local_error(exc) is local
 
 
 def test_make_probe_follows_the_config(tls: TLSFiles) -> None:
