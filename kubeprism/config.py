@@ -57,6 +57,10 @@ DEFAULT_REMOVAL_GRACE = 10.0
 DEFAULT_CACHE_FILE = "/var/lib/kubeprism/endpoints.json"
 # Plain-string upstreams sit in the middle so entries can be made better or worse.
 DEFAULT_PRIORITY = 100
+# Far more values than any real config holds, far fewer than a YAML alias bomb expands to:
+# validating (and quoting in errors) such a document would hang the daemon, a running
+# one too on SIGHUP.
+MAX_DOCUMENT_VALUES = 100_000
 
 HealthType = Literal["https", "tcp"]
 Forwarding = Literal["splice", "copy"]
@@ -545,9 +549,28 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError("", f"config file {str(path)!r} is not UTF-8 text: {exc}") from exc
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+        size = _expanded_size(data, {})
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: 2001-02-30, a 5000-digit number
         raise ConfigError("", f"{path} is not valid YAML: {exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError("", f"{path} is nested too deeply to be a kubeprism config") from exc
+    if size > MAX_DOCUMENT_VALUES:
+        raise ConfigError(
+            "", f"{path} expands to more than {MAX_DOCUMENT_VALUES} values (YAML aliases?)"
+        )
     return config_from_dict(data)
+
+
+def _expanded_size(data: object, seen: dict[int, int]) -> int:
+    """How many values the document holds with every alias expanded, in linear time."""
+    if not isinstance(data, dict | list):
+        return 1
+    if id(data) in seen:
+        return seen[id(data)]
+    seen[id(data)] = 1  # a node that contains itself counts once, not forever
+    children = [*data.keys(), *data.values()] if isinstance(data, dict) else data
+    seen[id(data)] = size = 1 + sum(_expanded_size(child, seen) for child in children)
+    return size
 
 
 def _duration_text(seconds: float) -> str:

@@ -710,6 +710,14 @@ def test_load_config_valid_file(tmp_path: Path) -> None:
     assert load_config(again) == cfg
 
 
+# "Billion laughs": nine aliases deep, 9**9 strings once expanded.
+ALIAS_BOMB = "\n".join(
+    ['a0: &a0 ["x","x","x","x","x","x","x","x","x"]']
+    + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    + ["upstreams: *a9", ""]
+).encode()
+
+
 @pytest.mark.parametrize(
     ("content", "needle"),
     [
@@ -722,6 +730,11 @@ def test_load_config_valid_file(tmp_path: Path) -> None:
         (b"- 10.0.0.1:6443\n", "expected a mapping"),
         (b"just a string\n", "expected a mapping"),
         (b"upstreams: [10.0.0.1:6443]\nhealthCheck: {intervl: 1s}\n", "healthCheck.intervl"),
+        # Found by tests/faults: each of these used to end in a traceback or a hang.
+        (b"upstreams: " + b"[" * 20000 + b"]" * 20000, "nested too deeply"),
+        (b"upstreams: [{address: a, priority: " + b"9" * 5000 + b"}]\n", "not valid YAML"),
+        (b"upstreams: [10.0.0.1:6443]\ndialTimeout: 2001-02-30\n", "not valid YAML"),
+        (ALIAS_BOMB, "expands to more than 100000 values"),
     ],
 )
 def test_load_config_bad_files(tmp_path: Path, content: bytes, needle: str) -> None:
