@@ -1,0 +1,64 @@
+"""CI smoke for bench/: a --quick run covers every scenario and writes a complete JSON.
+
+No timing is asserted anywhere: only that each scenario produced numbers for each target.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# The proxies compared in the smoke; nginx's numbers add nothing a smoke needs.
+SMOKE_TARGETS = ["direct", "kubeprism-splice", "kubeprism-copy", "haproxy"]
+# Tools the scenarios drive (nginx is also the HTTP upstream).
+TOOLS = ["haproxy", "nginx", "iperf3", "sockperf", "wrk"]
+# Hard bound on the whole smoke (it takes about 40 s on 2 cores).
+SMOKE_TIMEOUT = 240
+# What each scenario must report, for every target or only for the proxies.
+EXPECTED = {
+    "bulk": ({"bulk_gbps"}, {"cpu_s_per_gib"}),
+    "pingpong": ({"pingpong_p50_us", "pingpong_p99_us"}, set()),
+    "keepalive": ({"keepalive_rps"}, set()),
+    "churn": ({"churn_cps"}, set()),
+    "idle": (set(), {"idle_rss_kib_per_conn", "idle_fds_per_conn", "idle_pipes_per_conn"}),
+    "startup": (set(), {"start_ready_s"}),
+}
+
+missing = [t for t in TOOLS if shutil.which(t) is None]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(bool(missing), reason=f"benchmark tools not installed: {missing}"),
+]
+
+
+def test_quick_bench_reports_every_scenario(tmp_path: Path) -> None:
+    argv = [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--out", str(tmp_path)]
+    done = subprocess.run(
+        [*argv, "--only", ",".join(SMOKE_TARGETS), "--tag", "smoke"],
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_TIMEOUT,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = tmp_path.glob("*-smoke.json")
+    doc = json.loads(result.read_text())
+    assert doc["config"]["targets"] == SMOKE_TARGETS
+    failed = [r for r in doc["runs"] if "error" in r]
+    assert not failed, failed
+    assert set(doc["scenarios"]) == set(EXPECTED)
+    for scenario, (everyone, proxies_only) in EXPECTED.items():
+        metrics = doc["scenarios"][scenario]
+        for key in everyone | proxies_only:
+            for target in SMOKE_TARGETS:
+                if key in everyone or target != "direct":
+                    value = metrics[key][target]["median"]
+                    assert isinstance(value, float | int), (scenario, key, target, value)
+    assert (tmp_path / result.name.replace(".json", ".md")).exists()
