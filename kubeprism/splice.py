@@ -31,6 +31,9 @@ PIPE_SIZE = 1 << 20
 PIPE_POOL_KEEP = 64
 # Copy-mode read size: large enough for bulk, shared by every pump (single thread).
 SCRATCH_SIZE = 256 * 1024
+# Reads per readiness callback before yielding to the other connections; the pump then
+# carries on from a callback of its own (see Pump._on_readable for why it must).
+READS_PER_WAKEUP = 16
 # splice errors that mean "this fd pair cannot splice", not "the peer went away".
 _SPLICE_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF}
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
@@ -185,13 +188,21 @@ class Pump:
         self._writing = on
 
     def _on_readable(self) -> None:
+        # Read until EAGAIN, EOF or an error, never just once: uvloop (libuv) stops watching
+        # a socket after one POLLERR report, so data and a reset arriving together left the
+        # reset unread and the connection (two fds) open forever.
         try:
-            if self.mode == "splice":
-                self._splice_in()
-            else:
-                self._copy_in()
+            for _ in range(READS_PER_WAKEUP):
+                if not (self._splice_in() if self.mode == "splice" else self._copy_in()):
+                    return
         except OSError as exc:
             self._finish(exc)
+            return
+        self._loop.call_soon(self._read_more)
+
+    def _read_more(self) -> None:
+        if self._reading and not self.done:  # not stopped or waiting for dst meanwhile
+            self._on_readable()
 
     def _on_writable(self) -> None:
         try:
@@ -205,27 +216,30 @@ class Pump:
 
     # ------------------------------------------------------------ splice path
 
-    def _splice_in(self) -> None:
+    def _splice_in(self) -> bool:
+        """One splice from src; True if src may have more to read right now."""
         if self._pipe is None:
             self._pipe = self._pipes.get()
         try:
             n = os.splice(self.src_fd, self._pipe[1], self._pipes.size, flags=_SPLICE_FLAGS)
         except BlockingIOError:
             self._release_pipe()
-            return
+            return False
         except OSError as exc:
             if exc.errno not in _SPLICE_UNSUPPORTED:
                 raise
             self._fall_back(exc)
-            return
+            return True
         if n == 0:
             self._release_pipe()
             self._eof()
-            return
+            return False
         self.pending += n
         if not self._splice_out():
             self._want_read(False)
             self._want_write(True)
+            return False
+        return True
 
     def _splice_out(self) -> bool:
         """Drain the pipe into dst; True when empty, False when dst is full."""
@@ -266,14 +280,15 @@ class Pump:
 
     # ------------------------------------------------------------ copy path
 
-    def _copy_in(self) -> None:
+    def _copy_in(self) -> bool:
+        """One recv from src; True if src may have more to read right now."""
         try:
             n = self.src.recv_into(self._scratch)
         except BlockingIOError:
-            return
+            return False
         if n == 0:
             self._eof()
-            return
+            return False
         view = memoryview(self._scratch)[:n]
         try:
             sent = self.dst.send(view)
@@ -285,6 +300,8 @@ class Pump:
             self._backlog = bytes(view[sent:])
             self._want_read(False)
             self._want_write(True)
+            return False
+        return True
 
     def _copy_out(self) -> bool:
         """Send the backlog; True when it is all sent."""

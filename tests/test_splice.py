@@ -229,6 +229,32 @@ async def test_reset_source_reports_the_error(mode: Mode) -> None:
         assert r.pool.free == r.pool.created
 
 
+@pytest.mark.parametrize("reads", [splice.READS_PER_WAKEUP, 1])
+@pytest.mark.parametrize("mode", MODES)
+def test_data_and_reset_arriving_together_are_both_seen(
+    mode: Mode, reads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by tests/faults (scenario 9a): uvloop stops watching a socket after reporting
+    POLLERR once, so a pump that read once per wakeup forwarded the data, never saw the
+    reset, and held both connections open forever."""
+    monkeypatch.setattr(splice, "READS_PER_WAKEUP", reads)
+
+    @on_uvloop
+    async def run() -> None:
+        async with rig(mode) as r:
+            # Both land before the loop polls again: one readiness report with POLLERR.
+            r.feeder.send(b"last words")
+            r.feeder.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            r.feeder.close()
+            assert await r.receive(10) == b"last words"
+            await eventually(lambda: r.done, 5, message="the reset was never noticed")
+            [(_pump, exc)] = r.done
+            assert isinstance(exc, OSError)
+            assert exc.errno == errno.ECONNRESET
+
+    run()
+
+
 @pytest.mark.parametrize("mode", MODES)
 @on_uvloop
 async def test_stop_unregisters_and_closes_a_pipe_that_still_holds_bytes(mode: Mode) -> None:
