@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # journald reads a "<N>" prefix on stream lines as the syslog priority (SyslogLevelPrefix=),
@@ -62,6 +64,19 @@ def stderr_is_journal() -> bool:
     return expected == f"{st.st_dev}:{st.st_ino}"
 
 
+class _DropMalformedRequests(logging.Filter):
+    """aiohttp logs every unparsable request to the admin port as an ERROR with a
+    traceback: the client's fault, not ours, and anyone on the node could flood the log.
+    Errors raised by our own handlers are still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, HttpProcessingError)
+
+
+_MALFORMED_REQUESTS = _DropMalformedRequests()
+
+
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
     """Configure the root logger once, on stderr."""
     handler = logging.StreamHandler(sys.stderr)
@@ -77,3 +92,4 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     # aiohttp logs each admin request at INFO; scrapes every few seconds would drown the log.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(_MALFORMED_REQUESTS)

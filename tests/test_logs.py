@@ -121,3 +121,30 @@ def test_inherited_journal_stream_with_redirected_stderr_keeps_timestamps() -> N
         lines = lines_from_pipe("info", "text", {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
     assert TEXT_TIMESTAMP.match(lines[0])
     assert not lines[0].startswith("<")
+
+
+MALFORMED_REQUESTS = """
+import logging, sys
+from aiohttp.http_exceptions import BadHttpMessage
+from kubeprism.logs import setup_logging
+setup_logging("info", "text")
+server = logging.getLogger("aiohttp.server")
+server.error("Error handling request", exc_info=BadHttpMessage("Invalid method encountered"))
+server.error("Error handling request", exc_info=RuntimeError("a bug in our handler"))
+"""
+
+
+def test_malformed_admin_requests_are_not_logged_but_handler_errors_are() -> None:
+    """Found by tests/faults (scenario 9b): every unparsable request to the admin port was
+    an ERROR with a traceback, so anyone on the node could flood the log."""
+    result = subprocess.run(
+        [sys.executable, "-c", MALFORMED_REQUESTS],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=REPO,
+        check=True,
+    )
+    assert "Invalid method" not in result.stderr
+    assert "BadHttpMessage" not in result.stderr
+    assert "RuntimeError: a bug in our handler" in result.stderr
