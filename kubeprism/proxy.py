@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import errno
 import logging
-import os
 import socket
 import struct
 import time
@@ -19,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kubeprism.config import HostPort
+from kubeprism.dial import Dial, DialOptions
 from kubeprism.splice import ByteCounter, Mode, PipePool, Pump
 from kubeprism.upstream import Health, Pool, Transition
 
@@ -33,7 +33,6 @@ _ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOM
 # Dial errors that are this host's fault (out of fds, memory or ephemeral ports): they
 # say nothing about the upstream, so they must not mark it unhealthy.
 _LOCAL_DIAL_ERRORS = _ACCEPT_RESOURCE_ERRORS | {errno.EADDRNOTAVAIL}
-_TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
 # SO_LINGER {on, 0 s}: close with RST, so a dead upstream leaves no FIN_WAIT behind.
 _LINGER_RST = struct.pack("ii", 1, 0)
 
@@ -174,7 +173,9 @@ class Proxy:
         self._clock = clock
         self._listeners: list[socket.socket] = []
         self._by_endpoint: dict[HostPort, set[Connection]] = {}
-        self._dialing: set[asyncio.Task[None]] = set()
+        self._dialing: set[Dial] = set()
+        self._dial_options = _dial_options(settings)
+        self._local_trouble = False
         self._count = 0
         self._idle_task: asyncio.Task[None] | None = None
         self._drained = asyncio.Event()
@@ -190,6 +191,7 @@ class Proxy:
         """Start accepting on already bound, listening sockets."""
         for lsock in listeners:
             lsock.setblocking(False)
+            lsock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._listeners.append(lsock)
             self.loop.add_reader(lsock.fileno(), self._on_accept, lsock)
         self._sweep_if_needed()
@@ -198,6 +200,7 @@ class Proxy:
         """New settings (a reload): they apply to new connections and dials."""
         self.settings = settings
         self.mode = settings.mode
+        self._dial_options = _dial_options(settings)
         if settings.idle_timeout <= 0 and self._idle_task is not None:
             self._idle_task.cancel()
             self._idle_task = None
@@ -246,52 +249,38 @@ class Proxy:
             _set_linger_rst(client)
             client.close()
             return
+        # TCP_NODELAY comes from the listener: Linux copies it to accepted sockets.
         client.setblocking(False)
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._count += 1
         self._drained.clear()
-        task = self.loop.create_task(self._connect(client), name=f"dial for fd {client.fileno()}")
-        self._dialing.add(task)
-        task.add_done_callback(self._dialing.discard)
+        candidates = [ep.address for ep in self.pool.candidates()]
+        dial = Dial(self.loop, self, self._dial_options, self._clock, client, candidates)
+        self._dialing.add(dial)
+        dial.start()
 
     # ------------------------------------------------------------ dialing
 
-    async def _connect(self, client: socket.socket) -> None:
-        """Dial candidates in order until one accepts; the client never sees a refusal."""
-        try:
-            for endpoint in self.pool.candidates():
-                upstream = await self._try_dial(endpoint.address)
-                if upstream is not None:
-                    self._start(client, upstream, endpoint.address)
-                    return
-            self.stats.no_upstream += 1
-            logger.debug("no upstream accepted a connection; closing the client")
-        except asyncio.CancelledError:
-            client.close()
-            self._release()
-            raise
-        client.close()
-        self._release()
+    def dial_succeeded(
+        self, dial: Dial, upstream: socket.socket, address: HostPort, seconds: float
+    ) -> None:
+        """A candidate accepted: start forwarding."""
+        self._dialing.discard(dial)
+        if self._local_trouble:
+            self._local_trouble = False
+            logger.info("dialing works again")
+        self.observe_dial(address, seconds, True)
+        self._start(dial.client, upstream, address)
 
-    async def _try_dial(self, address: HostPort) -> socket.socket | None:
-        started = self._clock()
-        try:
-            upstream = await self._dial(address)
-        except OSError as exc:
-            if exc.errno in _LOCAL_DIAL_ERRORS:
-                self.stats.local_dial_errors += 1
+    def dial_failed(self, address: HostPort, seconds: float, exc: OSError) -> None:
+        """One candidate failed: the passive health check, unless it was our own fault."""
+        if exc.errno in _LOCAL_DIAL_ERRORS:
+            self.stats.local_dial_errors += 1
+            if not self._local_trouble:  # one line per episode, not one per connection
+                self._local_trouble = True
                 logger.warning("cannot dial %s: %s (a local limit, not the upstream)", address, exc)
-                return None
-            self._dial_failed(address, started, exc)
-            return None
-        self.observe_dial(address, self._clock() - started, True)
-        return upstream
-
-    def _dial_failed(self, address: HostPort, started: float, exc: OSError) -> None:
-        """Count and report a dial failure (the passive health check)."""
-        elapsed = self._clock() - started
+            return
         self.stats.dial_failures += 1
-        self.observe_dial(address, elapsed, False)
+        self.observe_dial(address, seconds, False)
         reason = (
             f"dial timed out after {self.settings.dial_timeout:g}s"
             if isinstance(exc, TimeoutError)
@@ -301,47 +290,13 @@ class Proxy:
         if transition is not None:
             self._on_transition(transition)
 
-    async def _dial(self, address: HostPort) -> socket.socket:
-        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setblocking(False)
-            self._tune_upstream(sock)
-            err = sock.connect_ex((address.host, address.port))
-            if err == errno.EINPROGRESS:
-                async with asyncio.timeout(self.settings.dial_timeout):
-                    await self._writable(sock)
-                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                raise OSError(err, os.strerror(err))
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    async def _writable(self, sock: socket.socket) -> None:
-        fut: asyncio.Future[None] = self.loop.create_future()
-
-        def ready() -> None:
-            if not fut.done():
-                fut.set_result(None)
-
-        self.loop.add_writer(sock.fileno(), ready)
-        try:
-            await fut
-        finally:
-            self.loop.remove_writer(sock.fileno())
-
-    def _tune_upstream(self, sock: socket.socket) -> None:
-        s = self.settings
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, round(s.keepalive_idle)))
-        sock.setsockopt(
-            socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, round(s.keepalive_interval))
-        )
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, s.keepalive_count)
-        sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, int(s.user_timeout * 1000))
+    def dial_exhausted(self, dial: Dial) -> None:
+        """No candidate accepted: the client is closed (the only way it notices anything)."""
+        self._dialing.discard(dial)
+        self.stats.no_upstream += 1
+        logger.debug("no upstream accepted a connection; closing the client")
+        dial.client.close()
+        self._release()
 
     # ------------------------------------------------------------ connections
 
@@ -414,8 +369,11 @@ class Proxy:
     def close_all(self) -> int:
         """Close every connection and cancel dials in progress; return how many were open."""
         left = self._count
-        for task in self._dialing:
-            task.cancel()
+        for dial in list(self._dialing):
+            dial.cancel()
+            dial.client.close()
+            self._release()
+        self._dialing.clear()
         for conns in list(self._by_endpoint.values()):
             for conn in list(conns):
                 conn.close()
@@ -425,10 +383,9 @@ class Proxy:
         return left
 
     async def wait_dials(self) -> None:
-        """Wait for dial tasks and the idle sweeper (cancelled by close_all) to finish unwinding."""
-        tasks = [*self._dialing, *([self._idle_task] if self._idle_task is not None else [])]
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        """Wait for the idle sweeper (cancelled by close_all) to finish unwinding."""
+        if self._idle_task is not None:
+            await asyncio.gather(self._idle_task, return_exceptions=True)
         if self._idle_task is not None and self._idle_task.done():
             self._idle_task = None
 
@@ -436,3 +393,9 @@ class Proxy:
 def _set_linger_rst(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+
+
+def _dial_options(s: ProxySettings) -> DialOptions:
+    return DialOptions.of(
+        s.dial_timeout, s.keepalive_idle, s.keepalive_interval, s.keepalive_count, s.user_timeout
+    )
