@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import signal
 import socket
@@ -181,6 +182,9 @@ class Daemon:
             "" if complete else " (first health pass still running)",
         )
         systemd.ready(self._status_text())
+        # Everything built so far lives as long as the process: keep it out of GC passes,
+        # which then only walk what connections allocate.
+        gc.freeze()
         interval = systemd.watchdog_interval()
         if interval:
             self._watchdog_task = asyncio.create_task(self._watchdog(interval), name="watchdog")

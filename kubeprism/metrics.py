@@ -7,6 +7,8 @@ path never calls into the metrics library and nothing is mirrored.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import platform
 from collections.abc import Iterator
 from typing import Any
@@ -17,10 +19,14 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from kubeprism import __version__
@@ -62,20 +68,19 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.dial_seconds = Histogram(
+        # Dials happen per connection: count them in plain ints, expose at scrape time.
+        self.dials = HistogramCollector(
             "kubeprism_dial_duration_seconds",
             "Time to connect to an upstream endpoint, by result.",
-            ["endpoint", "result"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+            ("success", "failure"),
         )
-        self.probe_seconds = Histogram(
+        self.probes = HistogramCollector(
             "kubeprism_health_check_duration_seconds",
             "Duration of active health checks, by result.",
-            ["endpoint", "result"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+            ("unhealthy", "healthy"),
         )
+        self.registry.register(self.dials)
+        self.registry.register(self.probes)
         self.reloads = Counter(
             "kubeprism_config_reloads",
             "Configuration reloads (SIGHUP), by result.",
@@ -103,15 +108,52 @@ class Metrics:
 
     def observe_dial(self, address: HostPort, seconds: float, ok: bool) -> None:
         """Record one dial."""
-        self.dial_seconds.labels(str(address), "success" if ok else "failure").observe(seconds)
+        self.dials.observe(address, ok, seconds)
 
     def observe_probe(self, address: HostPort, seconds: float, ok: bool) -> None:
         """Record one health check."""
-        self.probe_seconds.labels(str(address), "healthy" if ok else "unhealthy").observe(seconds)
+        self.probes.observe(address, ok, seconds)
 
     def exposition(self) -> bytes:
         """The text exposition format."""
         return generate_latest(self.registry)
+
+
+class _Buckets:
+    """One histogram's bucket counts (non-cumulative) and sum, as plain numbers."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+
+
+class HistogramCollector(Collector):
+    """A per-endpoint latency histogram kept in plain ints, rendered at scrape time."""
+
+    def __init__(self, name: str, documentation: str, results: tuple[str, str]) -> None:
+        self.name, self.documentation = name, documentation
+        self.results = results  # label for (not ok, ok)
+        self._by_key: dict[tuple[HostPort, bool], _Buckets] = {}
+
+    def observe(self, address: HostPort, ok: bool, seconds: float) -> None:
+        """Count one sample: a dict lookup, a bisect and two additions."""
+        buckets = self._by_key.get((address, ok))
+        if buckets is None:
+            buckets = self._by_key[(address, ok)] = _Buckets()
+        buckets.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        buckets.sum += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=["endpoint", "result"])
+        bounds = [*(str(float(b)) for b in LATENCY_BUCKETS), "+Inf"]
+        for (address, ok), b in sorted(self._by_key.items(), key=lambda kv: str(kv[0][0])):
+            cumulative = list(itertools.accumulate(b.counts))
+            family.add_metric(
+                [str(address), self.results[ok]], list(zip(bounds, cumulative, strict=True)), b.sum
+            )
+        yield family
 
 
 class StateCollector(Collector):

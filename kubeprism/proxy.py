@@ -142,6 +142,7 @@ class Connection:
         self.closed = True
         for pump in self.pumps:
             pump.stop()
+            pump.detach()
         if reset_upstream:
             _set_linger_rst(self.upstream)
         self.client.close()

@@ -166,6 +166,11 @@ class Pump:
             _close_pipe(pipe) if self.pending else self._pipes.put(pipe)
             self.pending = 0
 
+    def detach(self) -> None:
+        """Drop the done callback: breaks the pump <-> connection cycle, so a closed
+        connection is freed by reference counting instead of waiting for the GC."""
+        self._on_done = _ignore_done
+
     @property
     def holds_pipe(self) -> bool:
         """True while a pipe is borrowed (for tests and gauges)."""
@@ -334,3 +339,7 @@ class Pump:
             return
         self.stop()
         self._on_done(self, exc)
+
+
+def _ignore_done(_pump: Pump, _exc: OSError | None) -> None:
+    """The done callback of a detached pump."""

@@ -141,6 +141,8 @@ class Pool:
         endpoint accepts. With none healthy (panic), all of them are ordered
         the same way: a broken checker must not be worse than no checker.
         """
+        if len(self.endpoints) == 1:  # the common single-VIP setup: nothing to order
+            return list(self.endpoints.values())
         self._rotation += 1
         eps = self.endpoints.values()
         healthy = [ep for ep in eps if ep.health is Health.HEALTHY]
