@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from kubeprism.config import HostPort
 from kubeprism.dial import Dial, DialOptions
-from kubeprism.splice import ByteCounter, Mode, PipePool, Pump
+from kubeprism.splice import SCRATCH_SIZE, ByteCounter, Mode, PipePool, Pump
 from kubeprism.upstream import Health, Pool, Transition
 
 logger = logging.getLogger(__name__)
@@ -127,8 +127,10 @@ class Connection:
 
     def start(self) -> None:
         """Start both directions."""
-        for pump in self.pumps:
-            pump.start()
+        a, b = self.pumps
+        a.peer, b.peer = b, a
+        a.start()
+        b.start()
 
     def _done(self, pump: Pump, exc: OSError | None) -> None:
         # A reset or write error ends the whole connection; a FIN ends one direction.
@@ -167,7 +169,7 @@ class Proxy:
         self.settings = settings
         self.mode: Mode = settings.mode
         self.pipes = PipePool()
-        self.scratch = bytearray(65536 * 4)
+        self.scratch = bytearray(SCRATCH_SIZE)
         self.stats = ProxyStats()
         self._on_transition = on_transition
         self.observe_dial = observe_dial or (lambda _a, _s, _ok: None)

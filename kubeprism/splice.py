@@ -31,6 +31,9 @@ PIPE_SIZE = 1 << 20
 PIPE_POOL_KEEP = 64
 # Copy-mode read size: large enough for bulk, shared by every pump (single thread).
 SCRATCH_SIZE = 256 * 1024
+# In splice mode, a read at least this large switches the pump to splice(2): small
+# request/response traffic is cheaper to copy, bulk is cheaper to splice.
+SPLICE_AFTER = 64 * 1024
 # Reads per readiness callback before yielding to the other connections; the pump then
 # carries on from a callback of its own (see Pump._on_readable for why it must).
 READS_PER_WAKEUP = 16
@@ -112,6 +115,7 @@ class Pump:
         "_pipes",
         "_reading",
         "_scratch",
+        "_splicing",
         "_writing",
         "counter",
         "done",
@@ -119,6 +123,7 @@ class Pump:
         "dst_fd",
         "mode",
         "moved",
+        "peer",
         "pending",
         "src",
         "src_fd",
@@ -150,6 +155,11 @@ class Pump:
         self.done = False
         self._reading = False
         self._writing = False
+        # Like haproxy's splice-auto: copy small reads (a syscall pair either way, and
+        # copying 100 bytes is cheaper than moving pages through a pipe); splice once a
+        # read shows a bulk transfer.
+        self._splicing = False
+        self.peer: Pump | None = None  # the other direction of the same connection
 
     def start(self) -> None:
         """Begin forwarding."""
@@ -167,9 +177,10 @@ class Pump:
             self.pending = 0
 
     def detach(self) -> None:
-        """Drop the done callback: breaks the pump <-> connection cycle, so a closed
+        """Drop the done callback and the peer: breaks the reference cycles, so a closed
         connection is freed by reference counting instead of waiting for the GC."""
         self._on_done = _ignore_done
+        self.peer = None
 
     @property
     def holds_pipe(self) -> bool:
@@ -198,7 +209,7 @@ class Pump:
         # reset unread and the connection (two fds) open forever.
         try:
             for _ in range(READS_PER_WAKEUP):
-                if not (self._splice_in() if self.mode == "splice" else self._copy_in()):
+                if not (self._splice_in() if self._splicing else self._copy_in()):
                     return
         except OSError as exc:
             self._finish(exc)
@@ -274,6 +285,7 @@ class Pump:
         """Switch this pump to copying, keeping any bytes already in the pipe."""
         logger.warning("splice failed (%s); copying bytes for this connection instead", exc)
         self.mode = "copy"
+        self._splicing = False
         if self._pipe is not None:
             chunks = []
             while self.pending:
@@ -294,6 +306,8 @@ class Pump:
         if n == 0:
             self._eof()
             return False
+        if n >= SPLICE_AFTER and self.mode == "splice":
+            self._splicing = True
         view = memoryview(self._scratch)[:n]
         try:
             sent = self.dst.send(view)
@@ -326,6 +340,11 @@ class Pump:
 
     def _eof(self) -> None:
         """The source sent FIN: pass it on (half-close) and report."""
+        if self.peer is not None and self.peer.done:
+            # Both directions ended: the connection closes now, and close() sends the
+            # FIN itself; a shutdown() first would be one more syscall per connection.
+            self._finish(None)
+            return
         try:
             self.dst.shutdown(socket.SHUT_WR)
         except OSError as exc:
