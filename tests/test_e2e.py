@@ -88,6 +88,9 @@ async def test_bulk_integrity_both_directions(mode: str, daemon_factory: Any) ->
         for daemon in (up_daemon, down_daemon):
             metrics = await daemon.ametrics()
             assert f'kubeprism_forwarding_mode{{mode="{mode}"}} 1.0' in metrics
+            # Bulk went through pipes (now back in the pool) in splice mode, none in copy.
+            pipes = metric_sample(metrics, "kubeprism_pipes_free")
+            assert pipes >= 1 if mode == "splice" else pipes == 0
         assert (
             metric_sample(
                 await up_daemon.ametrics(),
