@@ -65,7 +65,9 @@ class Membership:
         self._static = StaticDiscovery(upstreams)
         self._filter = EndpointFilter(dc.filters)
         self._dc = dc
-        if first and dc.cache_file:
+        # The cache stands in for the watch until it answers; without the watch nothing
+        # would ever replace it, and a stale file would add endpoints for good.
+        if first and dc.cache_file and dc.kubernetes.enabled:
             self.cached = load_cache(dc.cache_file)
         key = (dc.kubernetes, watch_target)
         if key != self._watch_key:

@@ -16,10 +16,11 @@ from slices import SliceStore, optional_client_cert_context
 from standin import StandinAPIServer
 from util import eventually
 
-from kubeprism.config import ConfigError, HostPort, KubernetesDiscoveryConfig
+from kubeprism.config import ConfigError, HostPort, KubernetesDiscoveryConfig, config_from_dict
 from kubeprism.discovery import EndpointFilter, load_cache, merge, save_cache
 from kubeprism.kubewatch import SliceWatcher, load_credentials, slice_endpoints
-from kubeprism.upstream import EndpointSpec
+from kubeprism.membership import Membership
+from kubeprism.upstream import EndpointSpec, Pool
 
 TOKEN = "s3cret-discovery-token"
 
@@ -331,3 +332,25 @@ async def test_watch_resumes_from_its_last_version_after_it_ends(
     rewatch = [s for s in store.seen if s.watch][1]
     assert rewatch.resource_version == "102"  # resumed, not re-listed
     assert watcher.lists == 1
+
+
+async def test_cache_is_ignored_while_kubernetes_discovery_is_off(tmp_path: Path) -> None:
+    """Found by tests/faults: a cache left by an earlier run (discovery since switched off)
+    added its endpoints for good, since no list would ever replace it."""
+    path, token = tmp_path / "endpoints.json", tmp_path / "token"
+    save_cache(str(path), [HostPort("10.9.9.9", 6443)])
+    token.write_text("t")
+    for enabled, expected in ((False, {"static"}), (True, {"static", "cache"})):
+        kubernetes = {"enabled": True, "tokenFile": str(token)} if enabled else {}
+        cfg = config_from_dict(
+            {
+                "upstreams": ["10.0.0.1:6443"],
+                "discovery": {"cacheFile": str(path), "kubernetes": kubernetes},
+            }
+        )
+        pool = Pool()
+        membership = Membership(pool, lambda: None, lambda _address: None)
+        membership.configure(cfg.upstreams, cfg.discovery, None, cfg.listen[0])
+        await membership.refresh()
+        assert {s for ep in pool.endpoints.values() for s in ep.sources} == expected
+        await membership.stop()
