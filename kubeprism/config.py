@@ -113,6 +113,7 @@ class HealthCheckConfig:
     client_key_file: str | None = None
     healthy_threshold: int = DEFAULT_HEALTHY_THRESHOLD
     unhealthy_threshold: int = DEFAULT_UNHEALTHY_THRESHOLD
+    keep_alive: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,6 +392,7 @@ def _health_check(section: _Section) -> HealthCheckConfig:
         server_name=section.get("serverName", _str, DEFAULT_SERVER_NAME),
         client_cert_file=section.get("clientCertFile", _readable_file, None),
         client_key_file=section.get("clientKeyFile", _readable_file, None),
+        keep_alive=section.get("keepAlive", _bool, False),
         healthy_threshold=section.get(
             "healthyThreshold", _int_in(1, 100), DEFAULT_HEALTHY_THRESHOLD
         ),
@@ -599,6 +601,7 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
             "clientKeyFile": hc.client_key_file,
             "healthyThreshold": hc.healthy_threshold,
             "unhealthyThreshold": hc.unhealthy_threshold,
+            "keepAlive": hc.keep_alive,
         },
         "dialTimeout": _duration_text(cfg.dial_timeout),
         "forwarding": cfg.forwarding,

@@ -113,9 +113,16 @@ class HttpsProbe:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            # A fresh connection per probe: reusing one would hide a broken path
-            # until that connection itself times out.
-            connector = aiohttp.TCPConnector(ssl=self._ssl, force_close=True, limit=0)
+            # By default a fresh connection (TCP + TLS handshake) per probe: it checks the
+            # whole path a new client takes. keepAlive reuses one, which spares the API
+            # server a handshake per node per interval (see the README's capacity note);
+            # a dead path is still caught, by the probe's timeout.
+            if self.hc.keep_alive:
+                connector = aiohttp.TCPConnector(
+                    ssl=self._ssl, limit=0, keepalive_timeout=self.hc.interval * 3
+                )
+            else:
+                connector = aiohttp.TCPConnector(ssl=self._ssl, force_close=True, limit=0)
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=aiohttp.ClientTimeout(total=self.hc.timeout)
             )

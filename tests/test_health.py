@@ -435,8 +435,11 @@ class ReadyzServer:
     def __init__(self) -> None:
         self.status = 200
         self.port = 0
+        self.clients: set[object] = set()  # client (address, port) pairs: one per connection
 
-    async def readyz(self, _request: web.Request) -> web.Response:
+    async def readyz(self, request: web.Request) -> web.Response:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.clients.add(peer)
         text = "ok" if self.status == 200 else "[-]etcd failed: reason withheld"
         return web.Response(status=self.status, text=text)
 
@@ -488,10 +491,14 @@ def full_backlog_listener() -> Iterator[int]:
 
 @contextlib.asynccontextmanager
 async def https_probe(
-    ca: Path, server_name: str = "kubernetes", timeout: float = 2.0
+    ca: Path, server_name: str = "kubernetes", timeout: float = 2.0, keep_alive: bool = False
 ) -> AsyncIterator[HttpsProbe]:
     """An HttpsProbe, closed on exit."""
-    probe = HttpsProbe(HealthCheckConfig(ca_file=str(ca), server_name=server_name, timeout=timeout))
+    probe = HttpsProbe(
+        HealthCheckConfig(
+            ca_file=str(ca), server_name=server_name, timeout=timeout, keep_alive=keep_alive
+        )
+    )
     try:
         yield probe
     finally:
@@ -510,6 +517,16 @@ async def test_https_probe_200_is_ok_with_latency(tls: TLSFiles, readyz: ReadyzS
     assert (first.ok, first.reason, second.ok) == (True, "ok", True)
     assert first.latency is not None
     assert 0 < first.latency < 2.0
+
+
+@pytest.mark.parametrize(("keep_alive", "connections"), [(False, 3), (True, 1)])
+async def test_https_probe_reuses_its_connection_only_with_keep_alive(
+    tls: TLSFiles, readyz: ReadyzServer, keep_alive: bool, connections: int
+) -> None:
+    async with https_probe(tls.ca, keep_alive=keep_alive) as probe:
+        results = [await probe(local(readyz.port)) for _ in range(3)]
+    assert all(r.ok for r in results)
+    assert len(readyz.clients) == connections  # a TLS handshake per probe, or just one
 
 
 async def test_https_probe_500_is_unhealthy_with_status_and_body(
