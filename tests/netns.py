@@ -16,6 +16,7 @@ import itertools
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -53,12 +54,20 @@ def netns_available() -> bool:
 
 
 def remove_stale_namespaces() -> list[str]:
-    """Delete kp-* namespaces left by test processes that no longer exist (e.g. killed runs)."""
+    """Delete kp-* namespaces left by test processes that no longer exist (e.g. killed runs),
+    and kill whatever still runs inside them."""
     removed = []
     names = os.listdir(NETNS_DIR) if NETNS_DIR.is_dir() else []
     for name in names:
         match = re.fullmatch(rf"{_PREFIX}[\w.]+-(\d+)-\d+", name)
         if match and not Path(f"/proc/{match.group(1)}").exists():
+            # Processes the dead run started in it (stand-ins, daemons) outlive its name.
+            pids = subprocess.run(
+                ["ip", "netns", "pids", name], check=False, capture_output=True, text=True
+            ).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
             subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
             removed.append(name)
     return removed
