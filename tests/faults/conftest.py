@@ -11,9 +11,10 @@ from collections.abc import Iterator
 
 import pytest
 from certs import TestPKI
-from fault_harness import Cluster
-from fault_report import RESULTS, ordered_results, summary_path, write_summary
-from fault_topology import Topology
+
+from faults.fault_harness import Cluster
+from faults.fault_report import RESULTS, ordered_results, summary_path, write_summary
+from faults.fault_topology import Topology
 
 
 @pytest.fixture(scope="session")

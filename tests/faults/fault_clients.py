@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from certs import TestPKI
-from fault_topology import Topology
 from util import wait_for
+
+from faults.fault_topology import Topology
 
 HERE = Path(__file__).resolve().parent
 LISTEN = "127.0.0.1:7445"  # kubeprism's default listener, inside the node namespace

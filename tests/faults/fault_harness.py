@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from certs import TestPKI
+from clients import metric_sample
 from daemon_proc import DaemonProcess
-from fault_clients import LISTEN
-from fault_topology import API_PORT, Member, Topology
 from standin import StandinProcess, standin_argv
-from util import wait_for
+from util import count_fds, wait_for
+
+from faults.fault_clients import LISTEN
+from faults.fault_topology import API_PORT, Member, Topology
 
 HERE = Path(__file__).resolve().parent
 ADMIN = "127.0.0.1:7446"  # kubeprism's default, inside the node namespace
@@ -159,3 +161,31 @@ def cpu_seconds(pid: int) -> float:
 def wait_until(deadline: float) -> None:
     """Let a fixed window of time pass (a measurement or fault schedule, not a sync)."""
     wait_for(lambda: time.monotonic() >= deadline, deadline - time.monotonic() + 1, 0.01)
+
+
+# A health probe or the admin request asking holds a socket for a few milliseconds.
+FD_WINDOW = 0.5
+# A leak stays; a socket in passing is gone well within this.
+FD_SETTLE = 5.0
+
+
+def net_fds(daemon: DaemonProcess) -> tuple[int, int]:
+    """(open fds minus the idle pipes the splice pool keeps on purpose, pooled pipes),
+    the fewest seen over a FD_WINDOW measurement window."""
+    assert daemon.proc is not None
+    samples = []
+    end = time.monotonic() + FD_WINDOW
+    while True:
+        pipes = int(metric_sample(daemon.metrics(), "kubeprism_pipes_free"))
+        samples.append((count_fds(daemon.proc.pid) - 2 * pipes, pipes))
+        if time.monotonic() >= end:
+            return min(samples)
+        wait_until(time.monotonic() + 0.05)
+
+
+def fds_back_to(daemon: DaemonProcess, baseline: int) -> tuple[int, int]:
+    """net_fds() once it is back to `baseline`, or the last value after FD_SETTLE."""
+    end = time.monotonic() + FD_SETTLE
+    while (now := net_fds(daemon))[0] > baseline and time.monotonic() < end:
+        pass
+    return now

@@ -8,8 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-from fault_clients import request_stats, requests_load, wait_for_requests
-from fault_harness import (
+from util import wait_for
+
+from faults.fault_clients import request_stats, requests_load, wait_for_requests
+from faults.fault_harness import (
     Cluster,
     default_config,
     log_has_no_traceback,
@@ -17,9 +19,8 @@ from fault_harness import (
     stop_daemon,
     wait_states,
 )
-from fault_report import record
-from fault_topology import API_PORT
-from util import wait_for
+from faults.fault_report import record
+from faults.fault_topology import API_PORT
 
 pytestmark = pytest.mark.netns
 

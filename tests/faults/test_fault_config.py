@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 import yaml
 from daemon_proc import REPO
-from fault_report import record
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from faults.fault_report import record
 from kubeprism.__main__ import main
 
 EXAMPLES = 250

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 from daemon_proc import DaemonProcess
-from fault_clients import (
+
+from faults.fault_clients import (
     LoadProcess,
     closed_after,
     open_streams,
@@ -24,7 +25,7 @@ from fault_clients import (
     streams_load,
     wait_for_requests,
 )
-from fault_harness import (
+from faults.fault_harness import (
     Cluster,
     default_config,
     log_has_no_traceback,
@@ -33,7 +34,7 @@ from fault_harness import (
     wait_states,
     wait_until,
 )
-from fault_report import record
+from faults.fault_report import record
 
 pytestmark = pytest.mark.netns
 

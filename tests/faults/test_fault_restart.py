@@ -15,8 +15,10 @@ import pytest
 import yaml
 from clients import write_kubeconfig
 from daemon_proc import DaemonProcess
-from fault_clients import request_stats, requests_load, streams_load, wait_for_requests
-from fault_harness import (
+from util import wait_for
+
+from faults.fault_clients import request_stats, requests_load, streams_load, wait_for_requests
+from faults.fault_harness import (
     Cluster,
     default_config,
     log_has_no_traceback,
@@ -24,9 +26,8 @@ from fault_harness import (
     stop_daemon,
     wait_states,
 )
-from fault_report import record
-from fault_topology import API_PORT, UNUSED_IP
-from util import wait_for
+from faults.fault_report import record
+from faults.fault_topology import API_PORT, UNUSED_IP
 
 pytestmark = pytest.mark.netns
 
