@@ -220,7 +220,11 @@ def test_9c_nasty_configs_through_the_real_cli(tmp_path: Path) -> None:
             cwd=REPO,
             check=False,
         )
-        results[name] = (proc.returncode, proc.stderr.strip().splitlines()[-1:])
+        first = (proc.stderr.strip().splitlines() or [""])[0]
+        results[name] = (
+            proc.returncode,
+            first.split(" kubeprism: ", 1)[-1].replace(str(path), "F"),
+        )
         assert proc.returncode == 2, (name, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr, (name, proc.stderr[-2000:])
     record(
