@@ -179,6 +179,7 @@ class Proxy:
         self._dialing: set[Dial] = set()
         self._dial_options = _dial_options(settings)
         self._local_trouble = False
+        self._accept_trouble = False
         self._count = 0
         self._idle_task: asyncio.Task[None] | None = None
         self._drained = asyncio.Event()
@@ -228,16 +229,23 @@ class Proxy:
             except OSError as exc:
                 self._accept_failed(lsock, exc)
                 return
+            if self._accept_trouble:
+                self._accept_trouble = False
+                logger.info("accepting connections again")
             self._admit(client)
 
     def _accept_failed(self, lsock: socket.socket, exc: OSError) -> None:
         self.stats.accept_errors += 1
         if exc.errno == errno.ECONNABORTED:
             return
-        if exc.errno in _ACCEPT_RESOURCE_ERRORS:
-            logger.warning("accept failed (%s); pausing accepts for %.1fs", exc, ACCEPT_BACKOFF)
-        else:
-            logger.error("accept failed unexpectedly (%s); pausing accepts", exc)
+        if not self._accept_trouble:  # one line per episode, not one per backoff
+            self._accept_trouble = True
+            if exc.errno in _ACCEPT_RESOURCE_ERRORS:
+                logger.warning(
+                    "accept failed (%s); pausing accepts for %gs at a time", exc, ACCEPT_BACKOFF
+                )
+            else:
+                logger.error("accept failed unexpectedly (%s); pausing accepts", exc)
         self.loop.remove_reader(lsock.fileno())
         self.loop.call_later(ACCEPT_BACKOFF, self._resume_accept, lsock)
 
