@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 from netns import NetNS
-from util import eventually, free_port, wait_for
+from util import eventually, free_port, stop_process, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 10.0
@@ -154,14 +154,7 @@ class DaemonProcess:
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM and wait; SIGKILL if it does not stop in time."""
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)
 
     def __enter__(self) -> DaemonProcess:
         return self.start()

@@ -25,6 +25,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+from util import stop_process
+
 T = TypeVar("T")
 # NetNS has a method named `socket`, which shadows the module inside the class body.
 Socket = socket.socket
@@ -255,13 +257,4 @@ def _run(argv: list[str]) -> None:
 
 
 def _stop(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(PROCESS_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    for stream in (proc.stdin, proc.stdout, proc.stderr):
-        if stream is not None:
-            stream.close()
+    stop_process(proc, PROCESS_STOP_TIMEOUT)

@@ -33,6 +33,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from datagen import data_chunks
+from util import stop_process
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -338,19 +339,9 @@ class StandinProcess:
 
     def stop(self, timeout: float = 5.0) -> int | None:
         """SIGTERM, wait, SIGKILL if needed; returns the exit code."""
-        proc = self.proc
-        if proc is None:
+        if self.proc is None:
             return None
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
-        return proc.returncode
+        return stop_process(self.proc, timeout)
 
 
 def _read_ready(proc: subprocess.Popen[bytes], timeout: float) -> int:

@@ -188,3 +188,18 @@ def rss_bytes(pid: int | None = None) -> int:
     """Resident set size of a process (default: this one), in bytes."""
     statm = Path(f"/proc/{pid or os.getpid()}/statm").read_text().split()
     return int(statm[1]) * _PAGE_SIZE
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 5.0) -> int:
+    """SIGTERM, wait up to ``timeout``, then SIGKILL; close its pipes; return the exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+    return proc.returncode
