@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import random
 import ssl
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from kubeprism.config import HealthCheckConfig, HostPort
-from kubeprism.upstream import Pool, Transition
+from kubeprism.upstream import LOCAL_ERRNOS, Pool, Transition
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +32,6 @@ JITTER = 0.1
 RECHECK_FRACTION = 0.25
 # Keep a reason short enough for a log line and a /upstreams cell.
 MAX_REASON = 160
-# Probe errors that are this host's fault (out of fds, memory or ephemeral ports): they
-# say nothing about the endpoint, and counting them would close every healthy
-# endpoint's connections exactly when the node is already struggling.
-LOCAL_ERRNOS = frozenset(
-    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
-)
 
 
 @dataclass(frozen=True, slots=True)

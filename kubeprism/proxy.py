@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from kubeprism.config import HostPort
 from kubeprism.dial import Dial, DialOptions
 from kubeprism.splice import SCRATCH_SIZE, ByteCounter, Mode, PipePool, Pump
-from kubeprism.upstream import Health, Pool, Transition
+from kubeprism.upstream import LOCAL_ERRNOS, Health, Pool, Transition
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +30,6 @@ ACCEPT_BATCH = 64
 # the listener comes back by itself once descriptors are free.
 ACCEPT_BACKOFF = 0.1
 _ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-# Dial errors that are this host's fault (out of fds, memory or ephemeral ports): they
-# say nothing about the upstream, so they must not mark it unhealthy.
-_LOCAL_DIAL_ERRORS = _ACCEPT_RESOURCE_ERRORS | {errno.EADDRNOTAVAIL}
 # SO_LINGER {on, 0 s}: close with RST, so a dead upstream leaves no FIN_WAIT behind.
 _LINGER_RST = struct.pack("ii", 1, 0)
 
@@ -284,7 +281,7 @@ class Proxy:
 
     def dial_failed(self, address: HostPort, seconds: float, exc: OSError) -> None:
         """One candidate failed: the passive health check, unless it was our own fault."""
-        if exc.errno in _LOCAL_DIAL_ERRORS:
+        if exc.errno in LOCAL_ERRNOS:
             self.stats.local_dial_errors += 1
             if not self._local_trouble:  # one line per episode, not one per connection
                 self._local_trouble = True
