@@ -8,6 +8,7 @@ path never calls into the metrics library and nothing is mirrored.
 from __future__ import annotations
 
 import bisect
+import enum
 import itertools
 import platform
 from collections.abc import Iterator
@@ -55,6 +56,18 @@ LATENCY_BUCKETS = (
 _TIER_NAMES = ("<0.1ms", "<1ms", "<10ms", "<100ms", "<1s", ">=1s")
 
 
+class Result(enum.Enum):
+    """The one vocabulary of `result` labels for attempts (dials, probes, reloads)."""
+
+    SUCCESS = "success"
+    FAILURE = "failure"
+
+    @classmethod
+    def of(cls, ok: bool) -> Result:
+        """The label for an attempt that worked (or not): a mapping, never a tuple index."""
+        return cls.SUCCESS if ok else cls.FAILURE
+
+
 def tier_name(ep: Endpoint) -> str:
     """Human name of an endpoint's latency tier."""
     return "unknown" if ep.tier == UNKNOWN_TIER else _TIER_NAMES[ep.tier]
@@ -72,12 +85,10 @@ class Metrics:
         self.dials = HistogramCollector(
             "kubeprism_dial_duration_seconds",
             "Time to connect to an upstream endpoint, by result.",
-            ("success", "failure"),
         )
         self.probes = HistogramCollector(
             "kubeprism_health_check_duration_seconds",
             "Duration of active health checks, by result.",
-            ("unhealthy", "healthy"),
         )
         self.registry.register(self.dials)
         self.registry.register(self.probes)
@@ -87,8 +98,8 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
-        for result in ("success", "failure"):
-            self.reloads.labels(result)
+        for result in Result:
+            self.reloads.labels(result.value)
         self.last_reload = Gauge(
             "kubeprism_config_last_reload_success_timestamp_seconds",
             "When the configuration was last loaded successfully (start or reload).",
@@ -102,17 +113,17 @@ class Metrics:
 
     def reloaded(self, ok: bool) -> None:
         """Count one reload attempt."""
-        self.reloads.labels("success" if ok else "failure").inc()
+        self.reloads.labels(Result.of(ok).value).inc()
         if ok:
             self.last_reload.set_to_current_time()
 
     def observe_dial(self, address: HostPort, seconds: float, ok: bool) -> None:
         """Record one dial."""
-        self.dials.observe(address, ok, seconds)
+        self.dials.observe(address, Result.of(ok), seconds)
 
     def observe_probe(self, address: HostPort, seconds: float, ok: bool) -> None:
         """Record one health check."""
-        self.probes.observe(address, ok, seconds)
+        self.probes.observe(address, Result.of(ok), seconds)
 
     def exposition(self) -> bytes:
         """The text exposition format."""
@@ -132,28 +143,32 @@ class _Buckets:
 class HistogramCollector(Collector):
     """A per-endpoint latency histogram kept in plain ints, rendered at scrape time."""
 
-    def __init__(self, name: str, documentation: str, results: tuple[str, str]) -> None:
+    def __init__(self, name: str, documentation: str) -> None:
         self.name, self.documentation = name, documentation
-        self.results = results  # label for (not ok, ok)
-        self._by_key: dict[tuple[HostPort, bool], _Buckets] = {}
+        self._by_key: dict[tuple[HostPort, Result], _Buckets] = {}
 
-    def observe(self, address: HostPort, ok: bool, seconds: float) -> None:
+    def observe(self, address: HostPort, result: Result, seconds: float) -> None:
         """Count one sample: a dict lookup, a bisect and two additions."""
-        buckets = self._by_key.get((address, ok))
+        buckets = self._by_key.get((address, result))
         if buckets is None:
-            buckets = self._by_key[(address, ok)] = _Buckets()
+            buckets = self._by_key[(address, result)] = _Buckets()
         buckets.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         buckets.sum += seconds
 
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=["endpoint", "result"])
         bounds = [*(str(float(b)) for b in LATENCY_BUCKETS), "+Inf"]
-        for (address, ok), b in sorted(self._by_key.items(), key=lambda kv: str(kv[0][0])):
+        for (address, result), b in sorted(self._by_key.items(), key=_endpoint_then_result):
             cumulative = list(itertools.accumulate(b.counts))
             family.add_metric(
-                [str(address), self.results[ok]], list(zip(bounds, cumulative, strict=True)), b.sum
+                [str(address), result.value], list(zip(bounds, cumulative, strict=True)), b.sum
             )
         yield family
+
+
+def _endpoint_then_result(item: tuple[tuple[HostPort, Result], _Buckets]) -> tuple[str, str]:
+    (address, result), _ = item
+    return str(address), result.value
 
 
 class StateCollector(Collector):
@@ -211,7 +226,8 @@ class StateCollector(Collector):
             dial_fail.add_metric(name, ep.dial_failures_total)
             if ep.latency is not None:
                 latency.add_metric(name, ep.latency)
-            tier.add_metric(name, ep.tier)
+            if ep.tier != UNKNOWN_TIER:  # like the latency: no sample until measured
+                tier.add_metric(name, ep.tier)
         yield from (up, state, info, active, total, dial_fail, latency, tier)
         yield GaugeMetricFamily(
             "kubeprism_panic_mode",

@@ -339,7 +339,7 @@ async def test_metrics_exposition(pki: TestPKI, two_standins: Any, daemon_factor
             text,
             "kubeprism_health_check_duration_seconds_count",
             endpoint=addr(a),
-            result="healthy",
+            result="success",
         )
         >= 1
     )
