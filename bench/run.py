@@ -292,7 +292,7 @@ def finish(
         print(f"note: {n}")
     args.out.mkdir(parents=True, exist_ok=True)
     stem = now.strftime("%Y-%m-%d-%H%M") + (f"-{args.tag}" if args.tag else "")
-    by_scenario = {s: {} for s in [*names, "startup"]}
+    by_scenario: dict[str, dict[str, Any]] = {s: {} for s in [*names, "startup"]}
     for metric in report.all_metrics():
         if metric.key in summary and metric.scenario in by_scenario:
             by_scenario[metric.scenario][metric.key] = summary[metric.key]

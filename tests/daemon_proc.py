@@ -206,7 +206,7 @@ class DaemonProcess:
         started = time.monotonic()
 
         async def reached() -> bool:
-            return (await self.aupstreams())[address]["state"] == state
+            return bool((await self.aupstreams())[address]["state"] == state)
 
         await eventually(reached, timeout, 0.02, f"{address} becomes {state}")
         return time.monotonic() - started

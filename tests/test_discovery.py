@@ -117,7 +117,7 @@ def test_missing_cache_is_silent(tmp_path: Path, caplog: pytest.LogCaptureFixtur
 
 
 def test_slice_endpoints_ready_only_with_the_https_port() -> None:
-    slices = {
+    slices: dict[str, dict[str, Any]] = {
         "a": {
             "ports": [{"name": "https", "port": 6443}],
             "endpoints": [

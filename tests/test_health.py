@@ -25,6 +25,7 @@ import aiohttp
 import pytest
 import trustme
 from aiohttp import web
+from aiohttp.client_reqrep import ConnectionKey
 from util import eventually
 
 from kubeprism.config import HealthCheckConfig, HostPort
@@ -222,7 +223,9 @@ async def test_jitter_stays_within_ten_percent_and_spreads() -> None:
     rounds = 200
     async with harness(A, rand=random.Random(7)) as h:
         h.probe.push(A, *(Step(OK, duration=0.25) for _ in range(rounds)))
-        delays = await eventually(lambda: len(d := h.sleep.delays[f"health {A}"]) == rounds and d)
+        delays = await eventually(
+            lambda: d if len(d := h.sleep.delays[f"health {A}"]) == rounds else None
+        )
     low, high = INTERVAL * (1 - JITTER) - 0.25, INTERVAL * (1 + JITTER) - 0.25
     assert all(low <= d <= high for d in delays)
     # The jitter is really used: the waits cover most of the allowed band.
@@ -253,7 +256,8 @@ async def test_transitions_only_on_change_with_hysteresis_and_observer_per_probe
         Transition(B, Health.UNKNOWN, Health.UNHEALTHY, "refused")
     ]
     observed_a = [(s, ok) for a, s, ok in h.observed if a == A]
-    assert observed_a == [(pytest.approx(0.01 * (i + 1)), r.ok) for i, r in enumerate(script)]
+    assert [s for s, _ in observed_a] == pytest.approx([0.01 * (i + 1) for i in range(len(script))])
+    assert [ok for _, ok in observed_a] == [r.ok for r in script]
     assert h.pool.endpoints[A].reason == "ok"
     assert h.pool.endpoints[A].latency == pytest.approx(OK.latency)
 
@@ -331,9 +335,9 @@ async def test_stop_cancels_loops_with_probes_in_flight() -> None:
 # describe_error
 
 
-def _key() -> None:
+def _key() -> ConnectionKey:
     # aiohttp only stores the connection key; the tests never connect with it.
-    return None
+    return ConnectionKey("10.0.0.1", 6443, True, True, None, None, None)
 
 
 def _verify_error(message: str) -> ssl.SSLCertVerificationError:

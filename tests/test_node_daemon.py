@@ -134,8 +134,11 @@ async def test_restart_with_passed_socket_refuses_no_connection(tmp_path: Path) 
             for _ in range(2):  # two restarts under load
                 await first.astop()
                 first = await launch().astart()
-                before = results["ok"]
-                await eventually(lambda b=before: results["ok"] >= b + 20, 10)
+
+                def twenty_more(before: int = results["ok"]) -> bool:
+                    return results["ok"] >= before + 20
+
+                await eventually(twenty_more, 10)
         finally:
             stop.set()
             await load

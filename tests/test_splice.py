@@ -320,7 +320,7 @@ async def test_splice_failure_falls_back_to_copy_without_losing_bytes(
                 raise OSError(errno.EINVAL, "Invalid argument")
             return real_splice(src, dst, count, *args, **kwargs)
 
-        monkeypatch.setattr(splice.os, "splice", flaky_splice)
+        monkeypatch.setattr(os, "splice", flaky_splice)
         sender = asyncio.create_task(r.send(data, eof=True), name="feeder")
         digest, count = await asyncio.wait_for(r.digest_to_eof(chunk=64 * 1024), 20)
         await sender

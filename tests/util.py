@@ -23,9 +23,10 @@ KUBECTL_DUMMY_TOKEN = "kubeprism-test-token"
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
+# `T | None`: a predicate may answer None for "not yet"; what comes back is always truthy.
 @overload
 async def eventually(
-    predicate: Callable[[], Awaitable[T]],
+    predicate: Callable[[], Awaitable[T | None]],
     timeout: float = ...,
     interval: float = ...,
     message: str = ...,
@@ -34,7 +35,7 @@ async def eventually(
 
 @overload
 async def eventually(
-    predicate: Callable[[], T],
+    predicate: Callable[[], T | None],
     timeout: float = ...,
     interval: float = ...,
     message: str = ...,
@@ -70,7 +71,7 @@ async def eventually(
 
 
 def wait_for(
-    predicate: Callable[[], T],
+    predicate: Callable[[], T | None],
     timeout: float = 5.0,
     interval: float = 0.02,
     message: str = "",

@@ -18,6 +18,7 @@ import contextlib
 import signal
 import socket
 import sys
+from typing import cast
 
 CHUNK = 65536
 
@@ -87,7 +88,8 @@ async def _serve(args: argparse.Namespace) -> None:
         if args.mode == "relay":
             await _relay_one(reader, writer, _split(args.to), args.delay)
         else:
-            writer.transport.pause_reading()  # the kernel buffers fill, then the peer stalls
+            # start_server's transports read too; typeshed types StreamWriter.transport write-only.
+            cast(asyncio.Transport, writer.transport).pause_reading()  # buffers fill, peer stalls
             held.append(writer)
 
     server = await asyncio.start_server(handle, host, port, family=socket.AF_INET)

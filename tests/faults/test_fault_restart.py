@@ -39,7 +39,7 @@ TOKEN = "fault-suite-discovery-token"
 def _first_ok_after(records: list[dict[str, Any]], since: float) -> float:
     """Seconds from `since` until the first request started after it got its answer."""
     done = [r["t0"] + r["dt"] for r in records if r["kind"] == "req" and r["t0"] >= since]
-    ok = [
+    ok: list[float] = [
         r["t0"] + r["dt"]
         for r in records
         if r["kind"] == "req" and r["t0"] >= since and r.get("status") == 200
