@@ -10,10 +10,10 @@ from pathlib import Path
 import uvloop
 import yaml
 
-from kubeprism import __version__
+from kubeprism import __version__, prepare
 from kubeprism import kubeconfig as kc
 from kubeprism import status as st
-from kubeprism.config import DEFAULT_CONFIG_PATH, ConfigError, config_to_dict, load_config
+from kubeprism.config import DEFAULT_CONFIG_PATH, ConfigError, config_to_dict
 from kubeprism.daemon import Daemon, StartupError
 from kubeprism.logs import LOG_FORMATS, LOG_LEVELS, setup_logging
 
@@ -190,12 +190,10 @@ def _add_kubeconfig_parser(sub: argparse._SubParsersAction[argparse.ArgumentPars
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon until stopped."""
-    cfg = load_config(args.config)
-    if cfg.log_level:
-        logging.getLogger().setLevel(cfg.log_level.upper())
+    prepared = prepare.load(args.config)
 
     async def main() -> None:
-        daemon = Daemon(cfg, args.config)
+        daemon = Daemon(prepared, args.config)
         daemon.bind()
         await daemon.run()
 
@@ -208,9 +206,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate and print the effective config."""
-    cfg = load_config(args.config)
-    sys.stdout.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Validate and print the effective config (the same preparation as `run`)."""
+    prepared = prepare.load(args.config)
+    sys.stdout.write(yaml.safe_dump(config_to_dict(prepared.cfg), sort_keys=False))
     return EXIT_OK
 
 

@@ -7,11 +7,13 @@ value, because the person reading it is editing a YAML file on a node.
 
 from __future__ import annotations
 
+import contextlib
 import decimal
 import ipaddress
 import math
+import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -73,6 +75,19 @@ class ConfigError(Exception):
         super().__init__(f"{key}: {message}" if key else message)
         self.key = key
         self.message = message
+
+
+@contextlib.contextmanager
+def file_named_by(key: str, path: str | os.PathLike[str] | None) -> Iterator[None]:
+    """Turn a failure to use a file the config names into a ConfigError naming key and file.
+
+    ssl.SSLError is an OSError; ValueError covers undecodable text and bad base64.
+    """
+    try:
+        yield
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        detail = (exc.strerror if isinstance(exc, OSError) else None) or exc
+        raise ConfigError(key, f"cannot use {path}: {detail}") from exc
 
 
 @dataclass(frozen=True, slots=True, order=True)

@@ -20,12 +20,13 @@ from pathlib import Path
 
 from aiohttp import web
 
-from kubeprism import systemd
-from kubeprism.config import Config, ConfigError, HostPort, load_config
-from kubeprism.health import HealthChecker, make_probe
-from kubeprism.kubewatch import Credentials, load_credentials
+from kubeprism import prepare, systemd
+from kubeprism.config import Config, ConfigError, HostPort
+from kubeprism.health import HealthChecker, HttpsProbe, TcpProbe
+from kubeprism.logs import set_level
 from kubeprism.membership import Membership
 from kubeprism.metrics import Metrics, admin_app
+from kubeprism.prepare import Prepared
 from kubeprism.proxy import Proxy, ProxySettings
 from kubeprism.upstream import Health, Pool, Transition
 
@@ -89,16 +90,15 @@ def proxy_settings(cfg: Config) -> ProxySettings:
     )
 
 
-def _credentials(cfg: Config) -> Credentials | None:
-    kc = cfg.discovery.kubernetes
-    return load_credentials(kc) if kc.enabled else None
-
-
 class Daemon:
     """One running kubeprism: pool, checker, discovery, proxy and admin server."""
 
-    def __init__(self, cfg: Config, config_path: str | Path | None = None) -> None:
-        self.cfg = cfg
+    def __init__(self, prepared: Prepared, config_path: str | Path | None = None) -> None:
+        # Everything that can fail was loaded by prepare(): bad files are a config error
+        # (exit 2) before anything is bound.
+        self.cfg = prepared.cfg
+        self.credentials = prepared.credentials
+        self.probe = prepared.probe
         self.config_path = config_path
         self.listeners: list[socket.socket] = []
         self.admin_socket: socket.socket | None = None
@@ -107,8 +107,9 @@ class Daemon:
         self._signals = 0
         self._reload_task: asyncio.Task[bool] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
-        # Loaded before anything is bound, so bad credentials are a config error (exit 2).
-        self.credentials = _credentials(cfg)
+        # Probe clients replaced by a reload, closed once their probes must be done.
+        self._retiring: set[asyncio.Task[None]] = set()
+        set_level(self.cfg.log_level)
 
     # ------------------------------------------------------------ start-up
 
@@ -142,7 +143,6 @@ class Daemon:
             loop, self.pool, proxy_settings(cfg), self._on_transition, self.metrics.observe_dial
         )
         self.metrics.watch(self.pool, self.proxy)
-        self.probe = make_probe(hc)
         self.checker = HealthChecker(
             self.pool, self.probe, hc.interval, self._on_transition, self.metrics.observe_probe
         )
@@ -219,46 +219,53 @@ class Daemon:
     # ------------------------------------------------------------ reload
 
     async def reload(self) -> bool:
-        """Load and apply the config file; an invalid one leaves everything as it is."""
+        """Load, prepare and apply the config file as one step; READY=1 always follows."""
         systemd.reloading(time.monotonic_ns() // 1000)
+        try:
+            ok = await self._reload()
+        except Exception:  # a bug: said loudly, counted, and systemd still hears READY=1
+            logger.exception("reload failed unexpectedly")
+            ok = False
+        self.metrics.reloaded(ok)
+        systemd.ready(self._status_text())
+        return ok
+
+    async def _reload(self) -> bool:
         try:
             if self.config_path is None:
                 raise ConfigError("", "no config file to reload from")
-            new = load_config(self.config_path)
-            credentials = _credentials(new)
+            # Everything that can fail is built here, before any running state changes.
+            prepared = prepare.load(self.config_path)
         except ConfigError as exc:
             logger.error("reload rejected, keeping the running config: %s", exc)
-            self.metrics.reloaded(False)
-            systemd.ready(self._status_text())
             return False
-        self._apply(new, credentials)
+        self._apply(prepared)
         await self.membership.refresh()
-        self.metrics.reloaded(True)
         logger.info("reloaded %s: %s", self.config_path, self._status_text())
-        systemd.ready(self._status_text())
         return True
 
-    def _apply(self, new: Config, credentials: Credentials | None) -> None:
-        old = self.cfg
+    def _apply(self, prepared: Prepared) -> None:
+        old, new = self.cfg, prepared.cfg
         if (new.listen, new.admin) != (old.listen, old.admin):
             logger.warning("listen and admin.listen changes take effect only after a restart")
             new = dataclasses.replace(new, listen=old.listen, admin=old.admin)
-        self.cfg, self.credentials = new, credentials
-        if new.log_level:
-            logging.getLogger().setLevel(new.log_level.upper())
+        self.cfg, self.credentials = new, prepared.credentials
+        set_level(new.log_level)
         hc = new.health_check
         self.pool.healthy_threshold = hc.healthy_threshold
         self.pool.unhealthy_threshold = hc.unhealthy_threshold
         self.proxy.update(proxy_settings(new))
-        if hc != old.health_check:
-            old_probe, self.probe = self.probe, make_probe(hc)
-            self.checker.probe, self.checker.interval = self.probe, hc.interval
-            # Probes in flight finish on the old client; close it once they must be done.
-            asyncio.get_running_loop().call_later(
-                old.health_check.timeout + 1, lambda: asyncio.ensure_future(old_probe.close())
-            )
-        self.membership.configure(new.upstreams, new.discovery, credentials, new.listen[0])
+        # Always the new probe: it holds the CA and client certificate as the files are now.
+        self._close_later(self.probe, old.health_check.timeout + 1)
+        self.probe = self.checker.probe = prepared.probe
+        self.checker.interval = hc.interval
+        self.membership.configure(new.upstreams, new.discovery, prepared.credentials, new.listen[0])
         self.membership.start()
+
+    def _close_later(self, probe: HttpsProbe | TcpProbe, delay: float) -> None:
+        task = asyncio.create_task(_close_after(probe, delay), name="close replaced probe")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     # ------------------------------------------------------------ events
 
@@ -304,7 +311,7 @@ class Daemon:
         await self.proxy.wait_dials()
         if left:
             logger.info("closed %d connection(s) still open after draining", left)
-        for task in (self._reload_task, self._watchdog_task):
+        for task in (self._reload_task, self._watchdog_task, *self._retiring):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -313,3 +320,12 @@ class Daemon:
         await self.probe.close()
         await runner.cleanup()
         logger.info("stopped")
+
+
+async def _close_after(probe: HttpsProbe | TcpProbe, delay: float) -> None:
+    """Probes in flight finish on the replaced client; close it once they must be done,
+    or at once when the daemon stops first."""
+    try:
+        await asyncio.sleep(delay)
+    finally:
+        await probe.close()

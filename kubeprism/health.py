@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from kubeprism.config import HealthCheckConfig, HostPort
+from kubeprism.config import HealthCheckConfig, HostPort, file_named_by
 from kubeprism.upstream import LOCAL_ERRNOS, Pool, Transition
 
 logger = logging.getLogger(__name__)
@@ -89,10 +89,13 @@ def failed(exc: BaseException, timeout: float) -> ProbeResult:
 
 
 def client_ssl_context(hc: HealthCheckConfig) -> ssl.SSLContext:
-    """Verify API server certificates against caFile (or the system CAs)."""
-    ctx = ssl.create_default_context(cafile=hc.ca_file)
+    """Verify API server certificates against caFile (or the system CAs); ConfigError if bad."""
+    with file_named_by("healthCheck.caFile", hc.ca_file):
+        ctx = ssl.create_default_context(cafile=hc.ca_file)
     if hc.client_cert_file and hc.client_key_file:
-        ctx.load_cert_chain(hc.client_cert_file, hc.client_key_file)
+        files = f"{hc.client_cert_file} and {hc.client_key_file}"
+        with file_named_by("healthCheck.clientCertFile", files):
+            ctx.load_cert_chain(hc.client_cert_file, hc.client_key_file)
     return ctx
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from kubeprism.config import ConfigError, HostPort, KubernetesDiscoveryConfig
+from kubeprism.config import ConfigError, HostPort, KubernetesDiscoveryConfig, file_named_by
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +64,14 @@ class Credentials:
 
 def load_credentials(kc: KubernetesDiscoveryConfig) -> Credentials:
     """Credentials from the config: a kubeconfig, or a token file plus caFile."""
-    if kc.kubeconfig is None:
+    with file_named_by(f"{_KEY}.caFile", kc.ca_file):
         ctx = ssl.create_default_context(cafile=kc.ca_file)
+    if kc.kubeconfig is None:
         return Credentials(ctx, kc.server_name, token_file=kc.token_file)
-    return _from_kubeconfig(kc)
+    return _from_kubeconfig(kc, ctx)
 
 
-def _from_kubeconfig(kc: KubernetesDiscoveryConfig) -> Credentials:
+def _from_kubeconfig(kc: KubernetesDiscoveryConfig, ctx: ssl.SSLContext) -> Credentials:
     assert kc.kubeconfig is not None
     key = f"{_KEY}.kubeconfig"
     base = Path(kc.kubeconfig).parent
@@ -79,7 +80,6 @@ def _from_kubeconfig(kc: KubernetesDiscoveryConfig) -> Credentials:
         cluster, user = _current(doc)
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
         raise ConfigError(key, f"cannot use kubeconfig {kc.kubeconfig}: {exc}") from None
-    ctx = ssl.create_default_context(cafile=kc.ca_file)
     try:
         if kc.ca_file is None:
             _load_ca(ctx, cluster, base)

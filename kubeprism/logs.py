@@ -77,6 +77,12 @@ class _DropMalformedRequests(logging.Filter):
 _MALFORMED_REQUESTS = _DropMalformedRequests()
 
 
+def set_level(level: str | None) -> None:
+    """Set the root log level (the command line's, then the config's); None keeps it."""
+    if level:
+        logging.getLogger().setLevel(level.upper())
+
+
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
     """Configure the root logger once, on stderr."""
     handler = logging.StreamHandler(sys.stderr)
@@ -89,7 +95,7 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    set_level(level)
     # aiohttp logs each admin request at INFO; scrapes every few seconds would drown the log.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.server").addFilter(_MALFORMED_REQUESTS)
