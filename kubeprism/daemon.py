@@ -211,6 +211,9 @@ class Daemon:
 
     def request_reload(self) -> None:
         """Re-read the config file (SIGHUP); one reload at a time."""
+        if self.stop_requested.is_set():
+            logger.warning("stopping; ignoring SIGHUP")
+            return
         if self._reload_task is not None and not self._reload_task.done():
             logger.warning("reload already in progress; ignoring SIGHUP")
             return
@@ -300,6 +303,9 @@ class Daemon:
         self.proxy.stop_accepting()
         for sock in self.listeners:
             sock.close()
+        # Our own EndpointSlice watch runs through our own listener: stopped after the drain,
+        # it would hold the drain for the whole drainTimeout on every stop and restart.
+        await self.membership.stop()
         drained = asyncio.ensure_future(self.proxy.wait_drained())
         forced = asyncio.ensure_future(self.force_requested.wait())
         await asyncio.wait(
@@ -315,7 +321,6 @@ class Daemon:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        await self.membership.stop()
         await self.checker.stop()
         await self.probe.close()
         await runner.cleanup()

@@ -1,18 +1,27 @@
 """Shared fixtures. Keep this file to wiring; the machinery lives in the helper modules:
 
 certs.py (TestPKI), standin.py (stand-in kube-apiserver), tcpservers.py (raw TCP upstreams),
-netns.py (network namespaces), datagen.py (deterministic payloads), util.py (eventually, ...).
+netns.py (network namespaces), nspawn.py (a real systemd in a container), datagen.py
+(deterministic payloads), util.py (eventually, ...).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from certs import TestPKI
 from netns import NetNS, netns_unavailable_reason, remove_stale_namespaces
+from nspawn import (
+    SystemdContainer,
+    build_wheelhouse,
+    install_venv,
+    kubeprism_container,
+    missing_tools,
+)
 from standin import StandinAPIServer
 from tcpservers import EchoServer, NeverReadServer, SinkServer, SourceServer
 
@@ -90,3 +99,36 @@ def netns(_netns_ready: None, request: pytest.FixtureRequest) -> Iterator[NetNS]
     """A fresh network namespace with lo up, deleted (with its processes) at teardown."""
     with NetNS(request.node.name.removeprefix("test_")[:12]) as ns:
         yield ns
+
+
+# ---------------------------------------------------------------------------------------------
+# A real systemd 252 in a systemd-nspawn container (root; see nspawn.py). Missing tools fail
+# loudly for the same reason as above: ./scripts/test installs them.
+
+
+@pytest.fixture(scope="session")
+def kubeprism_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Host directory holding kubeprism installed from its wheel (offline), bound at /opt/kubeprism.
+
+    Built once per session: the project's wheel from the working tree, its dependencies from
+    the per-machine wheel cache, installed with `pip --no-index --find-links` in a container.
+    """
+    missing = missing_tools()
+    if missing:
+        pytest.fail(f"missing {', '.join(missing)} (./scripts/test installs them)", pytrace=False)
+    wheels = build_wheelhouse(tmp_path_factory.mktemp("wheels"))
+    return install_venv(tmp_path_factory.mktemp("venv"), wheels)
+
+
+@pytest.fixture(scope="module")
+def systemd_box(
+    kubeprism_venv: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SystemdContainer]:
+    """A booted container per test module: kubeprism at /opt/kubeprism and on PATH, the shipped
+    units in /etc/systemd/system, the repository read-only at /srv/kubeprism, and a scratch
+    directory bound read-write at /srv/scratch (`box.binds` maps the host side to it).
+    """
+    scratch = tmp_path_factory.mktemp("scratch")
+    with kubeprism_container(kubeprism_venv, {scratch: "/srv/scratch"}) as box:
+        box.setup_kubeprism()
+        yield box

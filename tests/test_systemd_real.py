@@ -1,0 +1,221 @@
+"""The shipped units under a real systemd 252 (systemd-nspawn): start, reload, restart, stop.
+
+One container per module (tests/nspawn.py). Inside it: three stand-in API servers sharing an
+EndpointSlice store (tests/systemd_cluster.py, started as a transient unit), a kubelet-like
+identity in root's 0600 files with the shipped kubelet-credentials drop-in, and kubeprism
+started with `systemctl` from deploy/systemd.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from certs import TestPKI
+from nspawn import REPO_INSIDE, VENV, SystemdContainer
+from util import wait_for
+
+pytestmark = pytest.mark.slow
+
+SCRATCH = "/srv/scratch"
+PKI = f"{SCRATCH}/pki"
+SERVERS = ("127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.14")
+CONFIG_PATH = "/etc/kubeprism/kubeprism.yaml"
+KUBELET_CONF = "/etc/kubernetes/kubelet.conf"
+KUBELET_CERT = "/var/lib/kubelet/pki/kubelet-client-current.pem"
+DROP_IN_DIR = "/etc/systemd/system/kubeprism.service.d"
+# Long on purpose: a drain held up by kubeprism's own watch would stall clients this long.
+DRAIN_TIMEOUT = 10.0
+CONFIG = f"""\
+listen: ["127.0.0.1:7445", "[::1]:7445"]
+upstreams: ["{SERVERS[0]}:6443"]
+healthCheck: {{caFile: {PKI}/ca.pem, interval: 500ms, timeout: 400ms}}
+drainTimeout: {DRAIN_TIMEOUT:g}s
+discovery:
+  kubernetes: {{enabled: true, kubeconfig: {KUBELET_CONF}, debounce: 200ms}}
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers (each runs a command inside the container)
+
+
+def upstreams(box: SystemdContainer) -> dict[str, Any]:
+    """kubeprism's /upstreams document."""
+    doc: dict[str, Any] = json.loads(box.run("kubeprism", "status", "-o", "json").stdout)
+    return doc
+
+
+def addresses(box: SystemdContainer) -> set[str]:
+    """The endpoints kubeprism knows."""
+    return {ep["address"] for ep in upstreams(box)["endpoints"]}
+
+
+def unit_property(box: SystemdContainer, name: str, unit: str = "kubeprism.service") -> str:
+    """One property of a unit (`systemctl show -P`)."""
+    return box.run("systemctl", "show", "-P", name, unit).stdout.strip()
+
+
+def timed(box: SystemdContainer, *argv: str) -> tuple[int, float]:
+    """Run a command inside; return its exit status and how long it took."""
+    started = time.monotonic()
+    rc = box.run(*argv, check=False, timeout=120).returncode
+    return rc, time.monotonic() - started
+
+
+def write_kubelet_identity(box: SystemdContainer, pki: TestPKI, scratch: Path) -> None:
+    """A kubeadm-like kubelet.conf and kubelet-client-current.pem, root's 0600 files."""
+    node = pki.ca.issue_cert(
+        "node1", common_name="system:node:node1", organization_name="system:nodes"
+    )
+    pem = b"".join(b.bytes() for b in node.cert_chain_pems) + node.private_key_pem.bytes()
+    (scratch / "kubelet-client.pem").write_bytes(pem)
+    kubeconfig = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "kubernetes",
+                "cluster": {"certificate-authority": f"{PKI}/ca.pem", "server": "https://x:6443"},
+            }
+        ],
+        "contexts": [{"name": "node", "context": {"cluster": "kubernetes", "user": "node"}}],
+        "current-context": "node",
+        "users": [
+            {
+                "name": "node",
+                "user": {"client-certificate": KUBELET_CERT, "client-key": KUBELET_CERT},
+            }
+        ],
+    }
+    (scratch / "kubelet.conf").write_text(json.dumps(kubeconfig))
+    box.sh(
+        f"install -D -m 0600 {SCRATCH}/kubelet-client.pem {KUBELET_CERT}\n"
+        f"install -D -m 0600 {SCRATCH}/kubelet.conf {KUBELET_CONF}\n"
+    )
+
+
+def start_cluster(box: SystemdContainer) -> None:
+    """The stand-in API servers as a transient unit; returns once they answer."""
+    box.run(
+        "systemd-run",
+        "--unit=apiservers",
+        "--quiet",
+        f"{VENV}/bin/python",
+        f"{REPO_INSIDE}/tests/systemd_cluster.py",
+        "--pki",
+        PKI,
+        "--servers",
+        ",".join(SERVERS),
+        "--publish",
+        "3",
+    )
+    wait_for(
+        lambda: box.run("curl", "-sf", "http://127.0.0.1:6440/seen", check=False).returncode == 0,
+        30,
+        0.1,
+        "stand-in API servers listening",
+    )
+
+
+@pytest.fixture(scope="module")
+def box(systemd_box: SystemdContainer, pki: TestPKI) -> Iterator[SystemdContainer]:
+    """The module's container with API servers, the node identity, drop-in and config."""
+    scratch = next(host for host, inside in systemd_box.binds.items() if inside == SCRATCH)
+    (scratch / "pki").mkdir()
+    for name in ("ca.pem", "server.pem", "server-key.pem"):
+        (scratch / "pki" / name).write_bytes((pki.paths.directory / name).read_bytes())
+    write_kubelet_identity(systemd_box, pki, scratch)
+    (scratch / "kubeprism.yaml").write_text(CONFIG)
+    systemd_box.sh(
+        f"install -D -m 0644 {SCRATCH}/kubeprism.yaml {CONFIG_PATH}\n"
+        f"install -D -m 0644 {REPO_INSIDE}/deploy/systemd/kubeprism.service.d/"
+        f"kubelet-credentials.conf {DROP_IN_DIR}/kubelet-credentials.conf\n"
+        "systemctl daemon-reload\n"
+    )
+    start_cluster(systemd_box)
+    yield systemd_box
+
+
+@pytest.fixture(scope="module")
+def running(box: SystemdContainer) -> SystemdContainer:
+    """kubeprism started (socket and service) and every published API server discovered."""
+    box.run("systemctl", "start", "kubeprism.socket", "kubeprism.service", timeout=60)
+    want = {f"{host}:6443" for host in SERVERS[:3]}
+    wait_for(lambda: addresses(box) == want, 30, 0.2, f"discovery of {want}")
+    return box
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+
+
+def test_start_reaches_ready_with_kubelet_identity_and_discovery(running: SystemdContainer) -> None:
+    """Type=notify: active once READY=1 was sent; the status line counts healthy endpoints."""
+    assert unit_property(running, "ActiveState") == "active"
+    assert unit_property(running, "User") == "root"  # the kubelet-credentials drop-in
+    wait_for(
+        lambda: unit_property(running, "StatusText") == "3/3 endpoints healthy",
+        10,
+        0.2,
+        "status line",
+    )
+    sources = {ep["address"]: ep["sources"] for ep in upstreams(running)["endpoints"]}
+    assert sources[f"{SERVERS[1]}:6443"] == ["kubernetes"]
+
+
+def test_restart_under_load_refuses_nothing_and_does_not_wait_for_the_drain(
+    running: SystemdContainer,
+) -> None:
+    """Clients queue in the socket unit's backlog for the restart only, not for drainTimeout.
+
+    Before, kubeprism's own EndpointSlice watch (through its own listener) held every drain
+    for the whole drainTimeout.
+    """
+    load = running.popen(
+        f"{VENV}/bin/python",
+        f"{REPO_INSIDE}/tests/systemd_load.py",
+        "--ca",
+        f"{PKI}/ca.pem",
+        "--seconds",
+        "30",
+        "--stop-file",
+        "/run/load.stop",
+        stdout=-1,
+    )
+    try:
+        assert load.stdout is not None
+        assert load.stdout.readline().strip() == b"STARTED"
+        rc, restart_seconds = timed(running, "systemctl", "restart", "kubeprism.service")
+        assert rc == 0, running.journal()[-3000:]
+        running.run("touch", "/run/load.stop")
+        out, _ = load.communicate(timeout=60)
+    finally:
+        if load.poll() is None:
+            load.kill()
+            load.wait()
+    summary = json.loads(out.decode().splitlines()[-1])
+    print(f"restart took {restart_seconds:.2f}s; load: {summary}")
+    assert summary["failures"] == 0, summary
+    assert summary["requests"] > 0
+    # A drain waiting for the watch would show up as a DRAIN_TIMEOUT-long stall.
+    assert summary["slowest"] < DRAIN_TIMEOUT / 3, summary
+    assert "still open after draining" not in running.journal()
+
+
+def test_stop_does_not_wait_for_the_drain(running: SystemdContainer) -> None:
+    """`systemctl stop` with discovery on returns well within drainTimeout; start again works."""
+    rc, seconds = timed(running, "systemctl", "stop", "kubeprism.service")
+    print(f"stop took {seconds:.2f}s")
+    assert rc == 0
+    assert seconds < DRAIN_TIMEOUT / 3
+    assert unit_property(running, "ActiveState") == "inactive"
+    journal = running.journal()
+    assert "still open after draining" not in journal
+    assert "ClientPayloadError" not in journal
+    running.run("systemctl", "start", "kubeprism.service", timeout=60)
+    assert unit_property(running, "ActiveState") == "active"
