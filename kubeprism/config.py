@@ -20,6 +20,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from kubeprism.net import HostPort, ip_or_none
+
 DEFAULT_CONFIG_PATH = "/etc/kubeprism/kubeprism.yaml"
 
 # Loopback on both families: clients resolving "localhost" to ::1 first must work too.
@@ -88,22 +90,6 @@ def file_named_by(key: str, path: str | os.PathLike[str] | None) -> Iterator[Non
     except (OSError, ValueError, yaml.YAMLError) as exc:
         detail = (exc.strerror if isinstance(exc, OSError) else None) or exc
         raise ConfigError(key, f"cannot use {path}: {detail}") from exc
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class HostPort:
-    """A host (IP literal or DNS name) and a TCP port."""
-
-    host: str
-    port: int
-
-    @property
-    def is_ip(self) -> bool:
-        """True when host is an IP literal rather than a name."""
-        return _ip_or_none(self.host) is not None
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,13 +194,6 @@ _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"^(?=.{{1,253}}$)(?![0-9.]+$){_LABEL}(?:\.{_LABEL})*\.?$")
 
 
-def _ip_or_none(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
-
-
 def parse_duration(key: str, value: object) -> float:
     """Parse a Go-style duration ("500ms", "2s", "1m30s") into seconds."""
     if isinstance(value, bool) or not isinstance(value, str):
@@ -248,7 +227,7 @@ def parse_host_port(key: str, value: object, *, require_ip: bool = False) -> Hos
     if not 1 <= port <= 65535:
         raise ConfigError(key, f"bad port {port} in {value!r}: must be 1-65535")
     host = match["v6"] or match["host"]
-    ip = _ip_or_none(host)
+    ip = ip_or_none(host)
     if match["v6"] and (ip is None or ip.version != 6):
         raise ConfigError(key, f"bad IPv6 address {host!r} in {value!r}")
     if ip is None and (require_ip or not _HOSTNAME.match(host)):
@@ -259,7 +238,7 @@ def parse_host_port(key: str, value: object, *, require_ip: bool = False) -> Hos
 
 def is_loopback(address: HostPort) -> bool:
     """True for 127.0.0.0/8 and ::1."""
-    ip = _ip_or_none(address.host)
+    ip = ip_or_none(address.host)
     return ip is not None and ip.is_loopback
 
 

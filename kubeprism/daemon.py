@@ -21,11 +21,12 @@ from pathlib import Path
 from aiohttp import web
 
 from kubeprism import prepare, systemd
-from kubeprism.config import Config, ConfigError, HostPort
+from kubeprism.config import Config, ConfigError
 from kubeprism.health import HealthChecker, HttpsProbe, TcpProbe
 from kubeprism.logs import set_level
 from kubeprism.membership import Membership
 from kubeprism.metrics import Metrics, admin_app
+from kubeprism.net import HostPort
 from kubeprism.prepare import Prepared
 from kubeprism.proxy import Proxy, ProxySettings
 from kubeprism.upstream import Health, Pool, Transition
@@ -46,7 +47,7 @@ class StartupError(Exception):
 
 def bind_listener(address: HostPort, backlog: int = LISTEN_BACKLOG) -> socket.socket:
     """A bound, listening, non-blocking TCP socket (IPv6 sockets are v6-only)."""
-    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    family = address.family
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from kubeprism.config import HostPort
+from kubeprism.net import HostPort
 
 _TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
 _STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
@@ -44,8 +44,7 @@ class DialOptions:
 
 def open_upstream_socket(address: HostPort, opts: DialOptions) -> socket.socket:
     """A non-blocking socket with NODELAY, keepalive and TCP_USER_TIMEOUT set."""
-    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-    sock = socket.socket(family, _STREAM)
+    sock = socket.socket(address.family, _STREAM)
     try:
         tcp = socket.IPPROTO_TCP
         sock.setsockopt(tcp, socket.TCP_NODELAY, 1)

@@ -21,7 +21,8 @@ from collections.abc import Awaitable, Callable, Collection, Iterable
 from pathlib import Path
 
 from kubeprism.atomic import write_atomically
-from kubeprism.config import HostPort, UpstreamSpec
+from kubeprism.config import UpstreamSpec
+from kubeprism.net import HostPort
 from kubeprism.upstream import EndpointSpec, specs_from
 
 logger = logging.getLogger(__name__)

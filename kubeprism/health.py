@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from kubeprism.config import HealthCheckConfig, HostPort, file_named_by
-from kubeprism.upstream import LOCAL_ERRNOS, Pool, Transition
+from kubeprism.config import HealthCheckConfig, file_named_by
+from kubeprism.net import LOCAL_ERRNOS, HostPort
+from kubeprism.upstream import Pool, Transition
 
 logger = logging.getLogger(__name__)
 

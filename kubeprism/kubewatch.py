@@ -24,7 +24,8 @@ from typing import Any
 import aiohttp
 import yaml
 
-from kubeprism.config import ConfigError, HostPort, KubernetesDiscoveryConfig, file_named_by
+from kubeprism.config import ConfigError, KubernetesDiscoveryConfig, file_named_by
+from kubeprism.net import HostPort
 
 logger = logging.getLogger(__name__)
 

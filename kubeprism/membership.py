@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from kubeprism.config import DEFAULT_PRIORITY, DiscoveryConfig, HostPort, UpstreamSpec
+from kubeprism.config import DEFAULT_PRIORITY, DiscoveryConfig, UpstreamSpec
 from kubeprism.discovery import (
     SOURCE_CACHE,
     SOURCE_KUBERNETES,
@@ -23,6 +23,7 @@ from kubeprism.discovery import (
     save_cache,
 )
 from kubeprism.kubewatch import Credentials, SliceWatcher
+from kubeprism.net import HostPort
 from kubeprism.upstream import EndpointSpec, Pool
 
 logger = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from kubeprism import __version__
-from kubeprism.config import HostPort
+from kubeprism.net import HostPort
 from kubeprism.proxy import Proxy
 from kubeprism.upstream import TIER_BOUNDS, UNKNOWN_TIER, Endpoint, Health, Pool
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import socket
 import struct
@@ -17,10 +16,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kubeprism.config import HostPort
 from kubeprism.dial import Dial, DialOptions
+from kubeprism.net import ACCEPT_ABORTED_ERRNOS, LOCAL_ERRNOS, HostPort
 from kubeprism.splice import SCRATCH_SIZE, ByteCounter, Mode, PipePool, Pump
-from kubeprism.upstream import LOCAL_ERRNOS, Health, Pool, Transition
+from kubeprism.upstream import Health, Pool, Transition
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +28,6 @@ ACCEPT_BATCH = 64
 # After EMFILE/ENFILE, wait this long before accepting again: no busy loop, and
 # the listener comes back by itself once descriptors are free.
 ACCEPT_BACKOFF = 0.1
-_ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # SO_LINGER {on, 0 s}: close with RST, so a dead upstream leaves no FIN_WAIT behind.
 _LINGER_RST = struct.pack("ii", 1, 0)
 
@@ -233,11 +231,11 @@ class Proxy:
 
     def _accept_failed(self, lsock: socket.socket, exc: OSError) -> None:
         self.stats.accept_errors += 1
-        if exc.errno == errno.ECONNABORTED:
+        if exc.errno in ACCEPT_ABORTED_ERRNOS:
             return
         if not self._accept_trouble:  # one line per episode, not one per backoff
             self._accept_trouble = True
-            if exc.errno in _ACCEPT_RESOURCE_ERRORS:
+            if exc.errno in LOCAL_ERRNOS:
                 logger.warning(
                     "accept failed (%s); pausing accepts for %gs at a time", exc, ACCEPT_BACKOFF
                 )

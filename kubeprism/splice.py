@@ -21,6 +21,8 @@ import socket
 from collections.abc import Callable
 from typing import Literal
 
+from kubeprism.net import SPLICE_UNSUPPORTED_ERRNOS, is_fd_bug
+
 logger = logging.getLogger(__name__)
 
 # 1 MiB pipes let one splice move a large chunk per wakeup (measured ~1.4x haproxy
@@ -37,8 +39,6 @@ SPLICE_AFTER = 64 * 1024
 # Reads per readiness callback before yielding to the other connections; the pump then
 # carries on from a callback of its own (see Pump._on_readable for why it must).
 READS_PER_WAKEUP = 16
-# splice errors that mean "this fd pair cannot splice", not "the peer went away".
-_SPLICE_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF}
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
@@ -242,7 +242,7 @@ class Pump:
             self._release_pipe()
             return False
         except OSError as exc:
-            if exc.errno not in _SPLICE_UNSUPPORTED:
+            if exc.errno not in SPLICE_UNSUPPORTED_ERRNOS:
                 raise
             self._fall_back(exc)
             return True
@@ -266,7 +266,7 @@ class Pump:
             except BlockingIOError:
                 return False
             except OSError as exc:
-                if exc.errno not in _SPLICE_UNSUPPORTED:
+                if exc.errno not in SPLICE_UNSUPPORTED_ERRNOS:
                     raise
                 self._fall_back(exc)
                 return not self._backlog
@@ -356,6 +356,11 @@ class Pump:
     def _finish(self, exc: OSError | None) -> None:
         if self.done:
             return
+        if exc is not None and is_fd_bug(exc):
+            # Never a fallback: a bad fd means one was closed or reused under us.
+            logger.error(
+                "BUG: %s on fds %d -> %d; closing the connection", exc, self.src_fd, self.dst_fd
+            )
         self.stop()
         self._on_done(self, exc)
 

@@ -14,7 +14,7 @@ import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from kubeprism.config import HostPort
+from kubeprism.net import HostPort
 
 logger = logging.getLogger(__name__)
 

@@ -11,24 +11,17 @@ from __future__ import annotations
 
 import bisect
 import enum
-import errno
 import itertools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from kubeprism.config import HostPort
+from kubeprism.net import HostPort
 
 # Latency tier upper bounds in seconds (<0.1 ms, <1 ms, <10 ms, <100 ms, <1 s, >=1 s):
 # decades separate "same host", "same rack", "same DC", "another DC", "struggling".
 TIER_BOUNDS = (0.0001, 0.001, 0.01, 0.1, 1.0)
 # Tier for an endpoint whose latency is not known yet: after every measured tier.
 UNKNOWN_TIER = len(TIER_BOUNDS) + 1
-# Errors that are this host's fault (out of fds, memory or ephemeral ports), from a probe
-# or a dial alike: they say nothing about the endpoint, and counting them would close
-# every healthy endpoint's connections exactly when the node is already struggling.
-LOCAL_ERRNOS = frozenset(
-    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
-)
 # Weight of the newest sample in the latency average: smooths one slow probe without
 # hiding a real, lasting change for more than a few intervals.
 LATENCY_EWMA_ALPHA = 0.3

@@ -22,7 +22,6 @@ from kubeprism.config import (
     ConfigError,
     DiscoveryConfig,
     HealthCheckConfig,
-    HostPort,
     KeepaliveConfig,
     UpstreamSpec,
     config_from_dict,
@@ -32,6 +31,7 @@ from kubeprism.config import (
     parse_duration,
     parse_host_port,
 )
+from kubeprism.net import HostPort
 
 UP = ["10.0.0.1:6443"]
 # A file that certainly exists, usable inside hypothesis tests (no function fixtures there).

@@ -16,10 +16,11 @@ from slices import SliceStore, optional_client_cert_context
 from standin import StandinAPIServer
 from util import eventually
 
-from kubeprism.config import ConfigError, HostPort, KubernetesDiscoveryConfig, config_from_dict
+from kubeprism.config import ConfigError, KubernetesDiscoveryConfig, config_from_dict
 from kubeprism.discovery import EndpointFilter, load_cache, merge, save_cache
 from kubeprism.kubewatch import SliceWatcher, load_credentials, slice_endpoints
 from kubeprism.membership import Membership
+from kubeprism.net import HostPort
 from kubeprism.upstream import EndpointSpec, Pool
 
 TOKEN = "s3cret-discovery-token"

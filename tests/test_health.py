@@ -28,7 +28,7 @@ from aiohttp import web
 from aiohttp.client_reqrep import ConnectionKey
 from util import eventually
 
-from kubeprism.config import HealthCheckConfig, HostPort
+from kubeprism.config import HealthCheckConfig
 from kubeprism.health import (
     JITTER,
     MAX_REASON,
@@ -41,6 +41,7 @@ from kubeprism.health import (
     is_local_error,
     make_probe,
 )
+from kubeprism.net import HostPort
 from kubeprism.upstream import EndpointSpec, Health, Pool, Transition
 
 A = HostPort("10.0.0.1", 6443)

@@ -13,8 +13,8 @@ from prometheus_client.core import Metric
 from tcpservers import EchoServer
 from util import eventually, free_port
 
-from kubeprism.config import HostPort
 from kubeprism.metrics import Metrics, Result
+from kubeprism.net import HostPort
 from kubeprism.proxy import Proxy, ProxySettings
 from kubeprism.upstream import TIER_BOUNDS, EndpointSpec, Health, Pool
 

@@ -22,7 +22,7 @@ import pytest
 from util import eventually, open_fds
 from uvloop_runner import on_uvloop
 
-from kubeprism.config import HostPort
+from kubeprism.net import HostPort
 from kubeprism.proxy import ACCEPT_BACKOFF, Proxy, ProxySettings
 from kubeprism.upstream import EndpointSpec, Health, Pool, Transition
 

@@ -349,3 +349,31 @@ def test_pipe_pool_keeps_at_most_keep_pipes_and_closes_the_rest() -> None:
     pool.put(again)
     pool.close()
     assert (pool.free, count_fds()) == (0, fds)
+
+
+@pytest.mark.parametrize("direction", ["in", "out"])
+@on_uvloop
+async def test_ebadf_from_splice_is_a_bug_that_closes_not_a_fallback(
+    direction: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: EBADF counted as "splice unsupported" and silently fell back to copying."""
+    caplog.set_level(logging.WARNING, logger="kubeprism.splice")
+    real_splice = os.splice
+    async with rig("splice") as r:
+
+        def bad_fd_splice(src: int, dst: int, count: int, *args: Any, **kwargs: Any) -> int:
+            if (src == r.src.fileno()) == (direction == "in"):
+                raise OSError(errno.EBADF, "Bad file descriptor")
+            return real_splice(src, dst, count, *args, **kwargs)
+
+        monkeypatch.setattr(splice.os, "splice", bad_fd_splice)
+        # 1 MiB: the first read is bulk, so the pump switches to splice(2) at once.
+        sender = asyncio.create_task(r.send(payload(MiB)), name="feeder")
+        await eventually(lambda: r.done)
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+        [(pump, exc)] = r.done
+        assert isinstance(exc, OSError) and exc.errno == errno.EBADF
+        assert pump.mode == "splice"  # no fallback
+    assert any(m.startswith("BUG: ") for m in caplog.messages)
+    assert not any("splice failed" in m for m in caplog.messages)

@@ -22,7 +22,7 @@ from socket_activation import GREETING
 from util import free_port, wait_for
 
 from kubeprism import systemd
-from kubeprism.config import HostPort
+from kubeprism.net import HostPort
 
 HERE = Path(__file__).resolve().parent
 ACTIVATION = str(HERE / "socket_activation.py")

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kubeprism.config import HostPort
+from kubeprism.net import HostPort
 from kubeprism.upstream import (
     LATENCY_EWMA_ALPHA,
     TIER_BOUNDS,
