@@ -301,6 +301,25 @@ async def test_idle_pumps_hold_no_pipe_and_the_pool_reuses_pipes(mode: Mode) -> 
         pool.close()
 
 
+def failing_splice(
+    monkeypatch: pytest.MonkeyPatch, r: Rig, fails: Callable[[str, int], bool], exc: OSError
+) -> dict[str, int]:
+    """Make os.splice raise ``exc`` when ``fails(side, nth call of that side)``; the calls
+    of each side ("in" reads src, "out" writes dst) are counted in the dict returned."""
+    real_splice = os.splice
+    calls = {"in": 0, "out": 0}
+
+    def fake_splice(src: int, dst: int, count: int, *args: Any, **kwargs: Any) -> int:
+        side = "in" if src == r.src.fileno() else "out"
+        calls[side] += 1
+        if fails(side, calls[side]):
+            raise exc
+        return real_splice(src, dst, count, *args, **kwargs)
+
+    monkeypatch.setattr(os, "splice", fake_splice)
+    return calls
+
+
 @pytest.mark.parametrize("direction", ["in", "out"])
 @on_uvloop
 async def test_splice_failure_falls_back_to_copy_without_losing_bytes(
@@ -309,18 +328,10 @@ async def test_splice_failure_falls_back_to_copy_without_losing_bytes(
     caplog.set_level(logging.WARNING, logger="kubeprism.splice")
     size = 4 * MiB
     data = payload(size)
-    real_splice = os.splice
     async with rig("splice") as r:
-        calls = {"in": 0, "out": 0}
-
-        def flaky_splice(src: int, dst: int, count: int, *args: Any, **kwargs: Any) -> int:
-            side = "in" if src == r.src.fileno() else "out"
-            calls[side] += 1
-            if side == direction and calls[side] == 3:  # fail once, mid-transfer
-                raise OSError(errno.EINVAL, "Invalid argument")
-            return real_splice(src, dst, count, *args, **kwargs)
-
-        monkeypatch.setattr(os, "splice", flaky_splice)
+        einval = OSError(errno.EINVAL, "Invalid argument")
+        # Fail once, mid-transfer.
+        calls = failing_splice(monkeypatch, r, lambda side, n: side == direction and n == 3, einval)
         sender = asyncio.create_task(r.send(data, eof=True), name="feeder")
         digest, count = await asyncio.wait_for(r.digest_to_eof(chunk=64 * 1024), 20)
         await sender
@@ -358,15 +369,9 @@ async def test_ebadf_from_splice_is_a_bug_that_closes_not_a_fallback(
 ) -> None:
     """Regression: EBADF counted as "splice unsupported" and silently fell back to copying."""
     caplog.set_level(logging.WARNING, logger="kubeprism.splice")
-    real_splice = os.splice
     async with rig("splice") as r:
-
-        def bad_fd_splice(src: int, dst: int, count: int, *args: Any, **kwargs: Any) -> int:
-            if (src == r.src.fileno()) == (direction == "in"):
-                raise OSError(errno.EBADF, "Bad file descriptor")
-            return real_splice(src, dst, count, *args, **kwargs)
-
-        monkeypatch.setattr(splice.os, "splice", bad_fd_splice)
+        ebadf = OSError(errno.EBADF, "Bad file descriptor")
+        failing_splice(monkeypatch, r, lambda side, _n: side == direction, ebadf)
         # 1 MiB: the first read is bulk, so the pump switches to splice(2) at once.
         sender = asyncio.create_task(r.send(payload(MiB)), name="feeder")
         await eventually(lambda: r.done)
