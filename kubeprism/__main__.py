@@ -188,9 +188,20 @@ def _add_kubeconfig_parser(sub: argparse._SubParsersAction[argparse.ArgumentPars
     )
 
 
+def _prepared(path: str) -> prepare.Prepared | None:
+    """The config file prepared as `run` needs it, or None once the reason is logged."""
+    try:
+        return prepare.load(path)
+    except ConfigError as exc:
+        logger.error("invalid config %s: %s", path, exc)
+        return None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon until stopped."""
-    prepared = prepare.load(args.config)
+    prepared = _prepared(args.config)
+    if prepared is None:
+        return EXIT_CONFIG
 
     async def main() -> None:
         daemon = Daemon(prepared, args.config)
@@ -207,7 +218,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate and print the effective config (the same preparation as `run`)."""
-    prepared = prepare.load(args.config)
+    prepared = _prepared(args.config)
+    if prepared is None:
+        return EXIT_CONFIG
     sys.stdout.write(yaml.safe_dump(config_to_dict(prepared.cfg), sort_keys=False))
     return EXIT_OK
 
@@ -277,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "kubeconfig":
             return cmd_kubeconfig(args)
         return cmd_run(args)
-    except ConfigError as exc:
-        logger.error("invalid config %s: %s", args.config, exc)
+    except ConfigError as exc:  # not every command has a --config to name
+        logger.error("invalid config: %s", exc)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return EXIT_OK

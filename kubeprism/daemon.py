@@ -22,6 +22,7 @@ from aiohttp import web
 
 from kubeprism import prepare, systemd
 from kubeprism.config import Config, ConfigError
+from kubeprism.connection import CloseReason
 from kubeprism.health import HealthChecker, HttpsProbe, TcpProbe
 from kubeprism.logs import set_level
 from kubeprism.membership import Membership
@@ -274,8 +275,8 @@ class Daemon:
     # ------------------------------------------------------------ events
 
     def _retire(self, address: HostPort) -> None:
-        self.proxy.stats.closed_removed += self.proxy.close_connections_to(
-            address, "endpoint removed by discovery"
+        self.proxy.close_connections_to(
+            address, CloseReason.REMOVED, "endpoint removed by discovery"
         )
 
     def _status_text(self) -> str:
@@ -315,7 +316,6 @@ class Daemon:
         for fut in (drained, forced):
             fut.cancel()
         left = self.proxy.close_all()
-        await self.proxy.wait_dials()
         if left:
             logger.info("closed %d connection(s) still open after draining", left)
         for task in (self._reload_task, self._watchdog_task, *self._retiring):

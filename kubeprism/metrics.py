@@ -255,9 +255,8 @@ class StateCollector(Collector):
             "Connections closed by kubeprism, by reason.",
             labels=["reason"],
         )
-        closed.add_metric(["unhealthy"], st.closed_unhealthy)
-        closed.add_metric(["idle"], st.closed_idle)
-        closed.add_metric(["removed"], st.closed_removed)
+        for reason, count in st.closed.items():
+            closed.add_metric([reason.value], count)
         yield closed
         nbytes = CounterMetricFamily(
             "kubeprism_forwarded_bytes", "Bytes forwarded, by direction.", labels=["direction"]
@@ -279,6 +278,11 @@ class StateCollector(Collector):
         yield mode
         yield GaugeMetricFamily(
             "kubeprism_pipes_free", "Idle pipes in the splice pool.", value=self.proxy.pipes.free
+        )
+        yield CounterMetricFamily(
+            "kubeprism_splice_fallbacks",
+            "Connection directions that fell back from splice to copying.",
+            value=self.proxy.pumps.fallbacks,
         )
 
 

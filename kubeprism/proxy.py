@@ -8,17 +8,16 @@ pumps and reports back what happened.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kubeprism.connection import CloseReason, Connection, ConnectionContext, set_linger_rst
 from kubeprism.dial import Dial, DialOptions
 from kubeprism.net import ACCEPT_ABORTED_ERRNOS, LOCAL_ERRNOS, HostPort
-from kubeprism.splice import SCRATCH_SIZE, ByteCounter, Mode, PipePool, Pump
+from kubeprism.splice import ByteCounter, Mode, PipePool, PumpContext
 from kubeprism.upstream import Health, Pool, Transition
 
 logger = logging.getLogger(__name__)
@@ -28,8 +27,8 @@ ACCEPT_BATCH = 64
 # After EMFILE/ENFILE, wait this long before accepting again: no busy loop, and
 # the listener comes back by itself once descriptors are free.
 ACCEPT_BACKOFF = 0.1
-# SO_LINGER {on, 0 s}: close with RST, so a dead upstream leaves no FIN_WAIT behind.
-_LINGER_RST = struct.pack("ii", 1, 0)
+# Shortest pause between idle sweeps, however short idleTimeout is.
+MIN_SWEEP_PERIOD = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +55,7 @@ class ProxyStats:
     no_upstream: int = 0
     rejected: int = 0
     accept_errors: int = 0
-    closed_unhealthy: int = 0
-    closed_idle: int = 0
-    closed_removed: int = 0
+    closed: dict[CloseReason, int] = field(default_factory=lambda: dict.fromkeys(CloseReason, 0))
     dial_failures: int = 0
     local_dial_errors: int = 0
     upstream_bytes: ByteCounter = field(default_factory=ByteCounter)  # client -> upstream
@@ -66,85 +63,6 @@ class ProxyStats:
 
 
 DialObserver = Callable[[HostPort, float, bool], None]
-
-
-class Connection:
-    """One proxied client connection and the upstream connection serving it."""
-
-    __slots__ = (
-        "_proxy",
-        "address",
-        "client",
-        "closed",
-        "idle_mark",
-        "idle_since",
-        "pumps",
-        "upstream",
-    )
-
-    def __init__(
-        self, proxy: Proxy, client: socket.socket, upstream: socket.socket, address: HostPort
-    ) -> None:
-        self._proxy = proxy
-        self.client, self.upstream, self.address = client, upstream, address
-        self.closed = False
-        # Bytes moved at the last sweep that saw a change, and when that sweep ran.
-        self.idle_mark = 0
-        self.idle_since = proxy._clock()
-        p = proxy
-        self.pumps = (
-            Pump(
-                p.loop,
-                client,
-                upstream,
-                p.mode,
-                p.pipes,
-                p.scratch,
-                p.stats.upstream_bytes,
-                self._done,
-            ),
-            Pump(
-                p.loop,
-                upstream,
-                client,
-                p.mode,
-                p.pipes,
-                p.scratch,
-                p.stats.client_bytes,
-                self._done,
-            ),
-        )
-
-    @property
-    def moved(self) -> int:
-        """Bytes moved in both directions so far."""
-        return self.pumps[0].moved + self.pumps[1].moved
-
-    def start(self) -> None:
-        """Start both directions."""
-        a, b = self.pumps
-        a.peer, b.peer = b, a
-        a.start()
-        b.start()
-
-    def _done(self, pump: Pump, exc: OSError | None) -> None:
-        # A reset or write error ends the whole connection; a FIN ends one direction.
-        if exc is not None or all(p.done for p in self.pumps):
-            self.close()
-
-    def close(self, reset_upstream: bool = False) -> None:
-        """Stop both pumps, then close both sockets (pumps first: fds get reused)."""
-        if self.closed:
-            return
-        self.closed = True
-        for pump in self.pumps:
-            pump.stop()
-            pump.detach()
-        if reset_upstream:
-            _set_linger_rst(self.upstream)
-        self.client.close()
-        self.upstream.close()
-        self._proxy._forget(self)
 
 
 class Proxy:
@@ -162,21 +80,22 @@ class Proxy:
         self.loop = loop
         self.pool = pool
         self.settings = settings
-        self.mode: Mode = settings.mode
-        self.pipes = PipePool()
-        self.scratch = bytearray(SCRATCH_SIZE)
         self.stats = ProxyStats()
+        self.pumps = PumpContext(loop, settings.mode)
         self._on_transition = on_transition
         self.observe_dial = observe_dial or (lambda _a, _s, _ok: None)
         self._clock = clock
+        self._conn_ctx = ConnectionContext(
+            self.pumps, clock, self.stats.upstream_bytes, self.stats.client_bytes, self._forget
+        )
         self._listeners: list[socket.socket] = []
         self._by_endpoint: dict[HostPort, set[Connection]] = {}
         self._dialing: set[Dial] = set()
         self._dial_options = _dial_options(settings)
         self._local_trouble = False
         self._accept_trouble = False
-        self._count = 0
-        self._idle_task: asyncio.Task[None] | None = None
+        self._sweep_timer: asyncio.TimerHandle | None = None
+        self._closed = False
         self._drained = asyncio.Event()
 
     # ------------------------------------------------------------ listening
@@ -184,7 +103,17 @@ class Proxy:
     @property
     def active(self) -> int:
         """Client connections being dialed or forwarded."""
-        return self._count
+        return len(self._dialing) + sum(map(len, self._by_endpoint.values()))
+
+    @property
+    def mode(self) -> Mode:
+        """The forwarding mode new connections get."""
+        return self.pumps.mode
+
+    @property
+    def pipes(self) -> PipePool:
+        """The splice pipe pool."""
+        return self.pumps.pipes
 
     def serve(self, listeners: list[socket.socket]) -> None:
         """Start accepting on already bound, listening sockets."""
@@ -193,21 +122,15 @@ class Proxy:
             lsock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._listeners.append(lsock)
             self.loop.add_reader(lsock.fileno(), self._on_accept, lsock)
-        self._sweep_if_needed()
+        self._schedule_sweep()
 
     def update(self, settings: ProxySettings) -> None:
-        """New settings (a reload): they apply to new connections and dials."""
+        """New settings (a reload): the mode and dial options apply to new connections,
+        idleTimeout to every connection from now on."""
         self.settings = settings
-        self.mode = settings.mode
+        self.pumps.mode = settings.mode
         self._dial_options = _dial_options(settings)
-        if settings.idle_timeout <= 0 and self._idle_task is not None:
-            self._idle_task.cancel()
-            self._idle_task = None
-        self._sweep_if_needed()
-
-    def _sweep_if_needed(self) -> None:
-        if self.settings.idle_timeout > 0 and self._idle_task is None:
-            self._idle_task = self.loop.create_task(self._idle_sweeper(), name="idle sweeper")
+        self._schedule_sweep()
 
     def stop_accepting(self) -> None:
         """Stop taking new connections; the listening sockets stay open for the owner."""
@@ -250,14 +173,13 @@ class Proxy:
 
     def _admit(self, client: socket.socket) -> None:
         self.stats.accepted += 1
-        if self._count >= self.settings.max_connections:
+        if self.active >= self.settings.max_connections:
             self.stats.rejected += 1
-            _set_linger_rst(client)
+            set_linger_rst(client)
             client.close()
             return
         # TCP_NODELAY comes from the listener: Linux copies it to accepted sockets.
         client.setblocking(False)
-        self._count += 1
         self._drained.clear()
         candidates = [ep.address for ep in self.pool.candidates()]
         dial = Dial(self.loop, self, self._dial_options, self._clock, client, candidates)
@@ -302,14 +224,14 @@ class Proxy:
         self.stats.no_upstream += 1
         logger.debug("no upstream accepted a connection; closing the client")
         dial.client.close()
-        self._release()
+        self._check_drained()
 
     # ------------------------------------------------------------ connections
 
     def _start(self, client: socket.socket, upstream: socket.socket, address: HostPort) -> None:
         self.stats.forwarded += 1
         self.pool.opened(address)
-        conn = Connection(self, client, upstream, address)
+        conn = Connection(self._conn_ctx, client, upstream, address)
         self._by_endpoint.setdefault(address, set()).add(conn)
         conn.start()
 
@@ -321,22 +243,22 @@ class Proxy:
             if not conns:
                 del self._by_endpoint[conn.address]
         self.pool.closed(conn.address)
-        self._release()
+        self._check_drained()
 
-    def _release(self) -> None:
-        self._count -= 1
-        if self._count == 0:
+    def _check_drained(self) -> None:
+        if not self.active:
             self._drained.set()
 
     def connections_to(self, address: HostPort) -> int:
         """Live connections forwarded to ``address``."""
         return len(self._by_endpoint.get(address, ()))
 
-    def close_connections_to(self, address: HostPort, why: str) -> int:
-        """Close every client connection forwarded to ``address``; return how many."""
+    def close_connections_to(self, address: HostPort, reason: CloseReason, why: str) -> int:
+        """Close (and count) every client connection forwarded to ``address``; return how many."""
         conns = list(self._by_endpoint.get(address, ()))
         for conn in conns:
             conn.close(reset_upstream=True)
+        self.stats.closed[reason] += len(conns)
         if conns:
             logger.info("closed %d connection(s) to %s: %s", len(conns), address, why)
         return len(conns)
@@ -344,61 +266,55 @@ class Proxy:
     def handle_transition(self, transition: Transition) -> None:
         """Close the connections of an endpoint that just turned unhealthy (if enabled)."""
         if self.settings.close_on_unhealthy and transition.new is Health.UNHEALTHY:
-            self.stats.closed_unhealthy += self.close_connections_to(
-                transition.address, f"endpoint unhealthy ({transition.reason})"
-            )
+            why = f"endpoint unhealthy ({transition.reason})"
+            self.close_connections_to(transition.address, CloseReason.UNHEALTHY, why)
 
-    async def _idle_sweeper(self) -> None:
-        """Close connections that moved no byte for idle_timeout (off by default)."""
+    def _schedule_sweep(self) -> None:
+        """(Re)arm the idle sweep for the current idleTimeout; a timer, so a reload that
+        shortens idleTimeout takes effect at once instead of after the old period."""
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
         timeout = self.settings.idle_timeout
-        period = max(0.05, timeout / 2)
-        while True:
-            await asyncio.sleep(period)
-            now = self._clock()
-            for conns in list(self._by_endpoint.values()):
-                for conn in list(conns):
-                    if conn.moved != conn.idle_mark:
-                        conn.idle_mark, conn.idle_since = conn.moved, now
-                    # Measured from the sweep that last saw bytes move (never before the bytes
-                    # moved): "two unchanged sweeps" alone allowed as little as timeout/2.
-                    elif now - conn.idle_since >= timeout:
-                        self.stats.closed_idle += 1
-                        conn.close()
+        if timeout > 0 and not self._closed:
+            period = max(MIN_SWEEP_PERIOD, timeout / 2)
+            self._sweep_timer = self.loop.call_later(period, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close connections that moved no byte for idle_timeout (off by default)."""
+        self._sweep_timer = None
+        now, timeout = self._clock(), self.settings.idle_timeout
+        for conns in list(self._by_endpoint.values()):
+            for conn in list(conns):
+                if conn.idle_for(now) >= timeout:
+                    self.stats.closed[CloseReason.IDLE] += 1
+                    conn.close()
+        self._schedule_sweep()
 
     # ------------------------------------------------------------ shutdown
 
     async def wait_drained(self) -> None:
         """Return once no client connection is open."""
-        if self._count:
+        if self.active:
             await self._drained.wait()
 
     def close_all(self) -> int:
-        """Close every connection and cancel dials in progress; return how many were open."""
-        left = self._count
+        """Close every connection, cancel dials in progress and the idle sweep; return how
+        many connections were open. Nothing is left to wait for: dials and sweeps are
+        callbacks and timers, not tasks."""
+        left = self.active
+        self._closed = True
         for dial in list(self._dialing):
             dial.cancel()
             dial.client.close()
-            self._release()
         self._dialing.clear()
         for conns in list(self._by_endpoint.values()):
             for conn in list(conns):
                 conn.close()
-        if self._idle_task is not None:
-            self._idle_task.cancel()  # wait_dials() waits for it
-        self.pipes.close()
+        self._schedule_sweep()
+        self._check_drained()
+        self.pumps.pipes.close()
         return left
-
-    async def wait_dials(self) -> None:
-        """Wait for the idle sweeper (cancelled by close_all) to finish unwinding."""
-        if self._idle_task is not None:
-            await asyncio.gather(self._idle_task, return_exceptions=True)
-        if self._idle_task is not None and self._idle_task.done():
-            self._idle_task = None
-
-
-def _set_linger_rst(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
 
 
 def _dial_options(s: ProxySettings) -> DialOptions:

@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Literal
 
 from kubeprism.net import SPLICE_UNSUPPORTED_ERRNOS, is_fd_bug
@@ -104,11 +105,25 @@ class ByteCounter:
         self.value = 0
 
 
+@dataclass(slots=True)
+class PumpContext:
+    """What every pump of one proxy shares; a reload may change the mode for new pumps."""
+
+    loop: asyncio.AbstractEventLoop
+    mode: Mode
+    pipes: PipePool = field(default_factory=PipePool)
+    # Copy-mode read buffer: one is enough, the loop runs one pump at a time.
+    scratch: bytearray = field(default_factory=lambda: bytearray(SCRATCH_SIZE))
+    # Pumps that fell back from splice to copying (read at scrape time).
+    fallbacks: int = 0
+
+
 class Pump:
     """Moves bytes from ``src`` to ``dst`` until EOF, then half-closes ``dst``."""
 
     __slots__ = (
         "_backlog",
+        "_ctx",
         "_loop",
         "_on_done",
         "_pipe",
@@ -131,21 +146,19 @@ class Pump:
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
+        ctx: PumpContext,
         src: socket.socket,
         dst: socket.socket,
-        mode: Mode,
-        pipes: PipePool,
-        scratch: bytearray,
         counter: ByteCounter,
         on_done: DoneCallback,
     ) -> None:
-        self._loop = loop
+        self._ctx = ctx
+        self._loop = ctx.loop
         self.src, self.dst = src, dst
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
-        self.mode: Mode = mode if splice_supported() else "copy"
-        self._pipes = pipes
-        self._scratch = scratch
+        self.mode: Mode = ctx.mode if splice_supported() else "copy"
+        self._pipes = ctx.pipes
+        self._scratch = ctx.scratch
         self.counter = counter
         self._on_done = on_done
         self._pipe: Pipe | None = None
@@ -283,7 +296,10 @@ class Pump:
 
     def _fall_back(self, exc: OSError) -> None:
         """Switch this pump to copying, keeping any bytes already in the pipe."""
-        logger.warning("splice failed (%s); copying bytes for this connection instead", exc)
+        # Counted for every pump, logged once: the reason is the same each time.
+        log = logger.debug if self._ctx.fallbacks else logger.warning
+        log("splice failed (%s); copying bytes instead (kubeprism_splice_fallbacks_total)", exc)
+        self._ctx.fallbacks += 1
         self.mode = "copy"
         self._splicing = False
         if self._pipe is not None:

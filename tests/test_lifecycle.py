@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import logging
 import os
 import resource
 import signal
@@ -16,6 +18,9 @@ import pytest
 from daemon_proc import REPO, DaemonProcess, base_config
 from tcpservers import EchoServer
 from util import eventually, free_port, wait_for
+
+from kubeprism import __main__ as cli
+from kubeprism.config import ConfigError
 
 
 def kubeprism(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
@@ -81,6 +86,26 @@ def test_missing_config_file_exits_2(tmp_path: Path) -> None:
     result = kubeprism("run", "--config", str(tmp_path / "nope.yaml"))
     assert result.returncode == 2
     assert "nope.yaml" in result.stderr
+
+
+def test_config_error_from_a_command_without_config_exits_2(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression: main() named args.config, which `status` and `kubeconfig` do not define,
+    so their ConfigError path raised AttributeError. (No real input reaches that path today:
+    the command is replaced by one that raises.)"""
+
+    def raises(_args: argparse.Namespace) -> int:
+        raise ConfigError("discovery.kubernetes.kubeconfig", "unreadable")
+
+    monkeypatch.setattr(cli, "cmd_status", raises)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        assert cli.main(["status"]) == cli.EXIT_CONFIG
+    finally:  # main() configured the process's logging; give pytest's back
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 def test_port_in_use_exits_3(tmp_path: Path) -> None:

@@ -55,6 +55,7 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "kubeprism_accept_errors": ("counter", ()),
     "kubeprism_forwarding_mode": ("gauge", ("mode",)),
     "kubeprism_pipes_free": ("gauge", ()),
+    "kubeprism_splice_fallbacks": ("counter", ()),
     "kubeprism_build_info": ("gauge", ("version", "python")),
 }
 # The values each enumerated label may take (endpoint, version, sources... are free-form).

@@ -22,6 +22,7 @@ import pytest
 from util import eventually, open_fds
 from uvloop_runner import on_uvloop
 
+from kubeprism.connection import CloseReason
 from kubeprism.net import HostPort
 from kubeprism.proxy import ACCEPT_BACKOFF, Proxy, ProxySettings
 from kubeprism.upstream import EndpointSpec, Health, Pool, Transition
@@ -205,7 +206,6 @@ async def serving(
     finally:
         rig.proxy.stop_accepting()
         rig.proxy.close_all()
-        await rig.proxy.wait_dials()
         for client in rig.clients:
             client.sock.close()
         listener.close()
@@ -291,7 +291,7 @@ async def test_close_connections_to_closes_only_that_endpoint() -> None:
         on_b = [c for c in clients if c.upstream == "B"]
         assert (len(on_a), len(on_b)) == (2, 2)
 
-        assert rig.proxy.close_connections_to(a.address, "test") == 2
+        assert rig.proxy.close_connections_to(a.address, CloseReason.REMOVED, "test") == 2
         for client in on_a:
             await client.wait_closed_by_peer()
         for client in on_b:
@@ -300,7 +300,8 @@ async def test_close_connections_to_closes_only_that_endpoint() -> None:
         assert (rig.ep(a.address).active, rig.ep(b.address).active) == (0, 2)
         assert rig.proxy.active == 2
         await eventually(lambda: not a.live, message="A saw its connections reset")
-        assert rig.proxy.close_connections_to(a.address, "again") == 0
+        assert rig.proxy.close_connections_to(a.address, CloseReason.REMOVED, "again") == 0
+        assert rig.proxy.stats.closed[CloseReason.REMOVED] == 2
 
 
 @pytest.mark.parametrize("close_on_unhealthy", [True, False])
@@ -326,11 +327,11 @@ async def test_unhealthy_transition_closes_connections_only_when_enabled(
         rig.proxy.handle_transition(down)
         if close_on_unhealthy:
             await to_a.wait_closed_by_peer()
-            assert rig.proxy.stats.closed_unhealthy == 1
+            assert rig.proxy.stats.closed[CloseReason.UNHEALTHY] == 1
             assert rig.proxy.connections_to(a.address) == 0
         else:
             await to_a.echo(b"pinned stream survives")
-            assert rig.proxy.stats.closed_unhealthy == 0
+            assert rig.proxy.stats.closed[CloseReason.UNHEALTHY] == 0
             assert rig.proxy.connections_to(a.address) == 1
         await to_b.echo(b"unaffected")
 
@@ -420,7 +421,7 @@ async def test_idle_timeout_closes_idle_connections_only() -> None:
         await chatter
         # Closed for being idle, and not before it was idle for idle_timeout.
         assert closed_after >= idle_timeout
-        assert rig.proxy.stats.closed_idle == 1
+        assert rig.proxy.stats.closed[CloseReason.IDLE] == 1
         await busy.echo(b"the busy one is still open")
         assert rig.proxy.active == 1
 
@@ -492,7 +493,7 @@ async def test_accept_resource_errors_pause_accepting_then_recover(
 
 
 @on_uvloop
-async def test_close_all_and_wait_dials_leave_no_tasks_and_no_fds() -> None:
+async def test_close_all_leaves_no_tasks_and_no_fds() -> None:
     async with NamedEcho("A") as a:
         fds_before = open_fds()
         with black_hole() as hole:
@@ -505,14 +506,12 @@ async def test_close_all_and_wait_dials_leave_no_tasks_and_no_fds() -> None:
                 dialing = await rig.connect(greet=False)
                 await eventually(lambda: rig.proxy.active == 3)
                 assert rig.proxy.stats.forwarded == 2
-                names = {t.get_name() for t in asyncio.all_tasks()}
-                assert "idle sweeper" in names
-                assert len(rig.proxy._dialing) == 1  # a dial is callbacks and a timer, no task
+                # Dials, pumps and the idle sweep are callbacks and timers: no task at all.
+                assert asyncio.all_tasks() == {asyncio.current_task()}
+                assert len(rig.proxy._dialing) == 1
 
                 rig.proxy.stop_accepting()
                 assert rig.proxy.close_all() == 3
-                await rig.proxy.wait_dials()
-                assert asyncio.all_tasks() == {asyncio.current_task()}
                 assert rig.proxy.active == 0
                 await asyncio.wait_for(rig.proxy.wait_drained(), 1)
                 for client in [*established, dialing]:
@@ -523,10 +522,11 @@ async def test_close_all_and_wait_dials_leave_no_tasks_and_no_fds() -> None:
 
 
 @on_uvloop
-async def test_wait_dials_also_finishes_the_idle_sweeper_without_dials_in_flight() -> None:
-    async with NamedEcho("A") as a, serving(healthy_pool(a.address), idle_timeout=30.0) as rig:
+async def test_a_shorter_idle_timeout_applies_at_once_on_update() -> None:
+    """Regression: the sweeper read idleTimeout once, so a reload from 3600 s to 0.2 s
+    kept sweeping every 1800 s."""
+    async with NamedEcho("A") as a, serving(healthy_pool(a.address), idle_timeout=3600.0) as rig:
         client = await rig.connect()
-        assert rig.proxy.close_all() == 1
-        await rig.proxy.wait_dials()
-        assert asyncio.all_tasks() == {asyncio.current_task()}
-        await client.wait_closed_by_peer()
+        rig.proxy.update(dataclasses.replace(SETTINGS, idle_timeout=0.2))
+        await client.wait_closed_by_peer(timeout=5)
+        assert rig.proxy.stats.closed[CloseReason.IDLE] == 1

@@ -29,7 +29,7 @@ from util import count_fds, eventually
 from uvloop_runner import on_uvloop
 
 from kubeprism import splice
-from kubeprism.splice import SCRATCH_SIZE, ByteCounter, Mode, PipePool, Pump
+from kubeprism.splice import ByteCounter, Mode, PipePool, Pump, PumpContext
 
 MODES: list[Mode] = ["splice", "copy"]
 MiB = 1 << 20
@@ -94,6 +94,7 @@ class Rig:
     dst: socket.socket
     sink: socket.socket
     pump: Pump
+    ctx: PumpContext
     done: list[tuple[Pump, OSError | None]] = field(default_factory=list)
 
     @property
@@ -139,17 +140,9 @@ async def rig(
         dst.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
     counter = ByteCounter()
     done: list[tuple[Pump, OSError | None]] = []
-    pump = Pump(
-        loop,  # type: ignore[arg-type]
-        src,
-        dst,
-        mode,
-        pool,
-        bytearray(SCRATCH_SIZE),
-        counter,
-        lambda p, exc: done.append((p, exc)),
-    )
-    r = Rig(loop, pool, counter, feeder, src, dst, sink, pump, done)
+    ctx = PumpContext(loop, mode, pool)  # type: ignore[arg-type]
+    pump = Pump(ctx, src, dst, counter, lambda p, exc: done.append((p, exc)))
+    r = Rig(loop, pool, counter, feeder, src, dst, sink, pump, ctx, done)
     pump.start()
     try:
         yield r
@@ -339,6 +332,7 @@ async def test_splice_failure_falls_back_to_copy_without_losing_bytes(
         assert (digest, count) == (hashlib.sha256(data).hexdigest(), size)
         assert r.done == [(r.pump, None)]
         assert r.pump.mode == "copy"
+        assert r.ctx.fallbacks == 1
         assert r.pump.moved == r.counter.value == size
         assert calls[direction] == 3  # no splice after the fallback
         assert not r.pump.holds_pipe
@@ -380,5 +374,6 @@ async def test_ebadf_from_splice_is_a_bug_that_closes_not_a_fallback(
         [(pump, exc)] = r.done
         assert isinstance(exc, OSError) and exc.errno == errno.EBADF
         assert pump.mode == "splice"  # no fallback
+        assert r.ctx.fallbacks == 0
     assert any(m.startswith("BUG: ") for m in caplog.messages)
     assert not any("splice failed" in m for m in caplog.messages)
