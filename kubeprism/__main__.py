@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 STATUS_DESCRIPTION = """\
 Show what a running kubeprism is doing: one line per API-server endpoint with its
 state (healthy, unhealthy, unknown), the reason for it, the smoothed health-check
-latency and latency tier, priority, open and total connections, dial failures and the
+latency and latency class, priority, open and total connections, dial failures and the
 sources that named it. Reads GET /upstreams from the admin endpoint (admin.listen).
 
 exit status:

@@ -33,10 +33,10 @@ from prometheus_client.registry import Collector
 from kubeprism import __version__
 from kubeprism.net import HostPort
 from kubeprism.proxy import Proxy
-from kubeprism.upstream import TIER_BOUNDS, UNKNOWN_TIER, Endpoint, Health, Pool
+from kubeprism.upstream import Endpoint, Health, Pool
 
 # Dial and probe latencies from loopback (~100 us) to another continent (~300 ms) and
-# timeouts (~1-2 s): decades with a midpoint resolve every tier boundary.
+# timeouts (~1-2 s): decades with a midpoint.
 LATENCY_BUCKETS = (
     0.0001,
     0.0005,
@@ -53,7 +53,6 @@ LATENCY_BUCKETS = (
     2.5,
     5,
 )
-_TIER_NAMES = ("<0.1ms", "<1ms", "<10ms", "<100ms", "<1s", ">=1s")
 
 
 class Result(enum.Enum):
@@ -66,14 +65,6 @@ class Result(enum.Enum):
     def of(cls, ok: bool) -> Result:
         """The label for an attempt that worked (or not): a mapping, never a tuple index."""
         return cls.SUCCESS if ok else cls.FAILURE
-
-
-def tier_name(ep: Endpoint) -> str:
-    """Human name of an endpoint's latency tier."""
-    return "unknown" if ep.tier == UNKNOWN_TIER else _TIER_NAMES[ep.tier]
-
-
-assert len(_TIER_NAMES) == len(TIER_BOUNDS) + 1
 
 
 class Metrics:
@@ -212,8 +203,10 @@ class StateCollector(Collector):
         latency = GaugeMetricFamily(
             "kubeprism_upstream_latency_seconds", "Smoothed health-check latency.", labels=lbl
         )
-        tier = GaugeMetricFamily(
-            "kubeprism_upstream_latency_tier", "Latency tier, 0 = fastest.", labels=lbl
+        slow = GaugeMetricFamily(
+            "kubeprism_upstream_slow",
+            "1 while clearly slower than the best endpoint of its priority (no new connections).",
+            labels=lbl,
         )
         for ep in self.pool.endpoints.values():
             name = [str(ep.address)]
@@ -226,9 +219,9 @@ class StateCollector(Collector):
             dial_fail.add_metric(name, ep.dial_failures_total)
             if ep.latency is not None:
                 latency.add_metric(name, ep.latency)
-            if ep.tier != UNKNOWN_TIER:  # like the latency: no sample until measured
-                tier.add_metric(name, ep.tier)
-        yield from (up, state, info, active, total, dial_fail, latency, tier)
+            if ep.slow is not None:
+                slow.add_metric(name, float(ep.slow))
+        yield from (up, state, info, active, total, dial_fail, latency, slow)
         yield GaugeMetricFamily(
             "kubeprism_panic_mode",
             "1 while no endpoint is healthy and every endpoint is tried.",
@@ -296,7 +289,7 @@ def endpoint_view(ep: Endpoint) -> dict[str, Any]:
         "suspect": ep.suspect,
         "reason": ep.reason,
         "latencySeconds": ep.latency,
-        "tier": tier_name(ep),
+        "latencyClass": ep.latency_class,
         "activeConnections": ep.active,
         "connectionsTotal": ep.connections_total,
         "dialFailuresTotal": ep.dial_failures_total,

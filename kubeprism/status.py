@@ -21,7 +21,7 @@ _COLUMNS = (
     ("ADDRESS", "address"),
     ("STATE", "state"),
     ("PRIO", "priority"),
-    ("TIER", "tier"),
+    ("CLASS", "latencyClass"),
     ("LATENCY", "latency"),
     ("ACTIVE", "activeConnections"),
     ("TOTAL", "connectionsTotal"),

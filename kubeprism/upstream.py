@@ -1,30 +1,47 @@
 """Pure upstream state and selection: no sockets, no clock, no event loop.
 
 The proxy asks :meth:`Pool.candidates` for the order in which to dial, and
-reports what happened (``record_dial``, ``opened``/``closed``); the health
-checker reports probe results (``record_probe``). Every health change comes
-back as a :class:`Transition` so the caller can log it and act on it (close
-connections). Callers pass ``now`` so tests need no clock.
+reports what happened (``record_dial``, ``record_overtaken``, ``opened``/``closed``);
+the health checker reports probe results (``record_probe``) and latency figures
+(``record_latency``: any source of a plain number of seconds, the same source for
+every endpoint). Every health change comes back as a :class:`Transition` so the
+caller can log it and act on it (close connections). Callers pass ``now`` so tests
+need no clock, and may pass ``rand`` so tests need no luck.
 """
 
 from __future__ import annotations
 
-import bisect
 import enum
-import itertools
+import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from kubeprism.net import HostPort
 
-# Latency tier upper bounds in seconds (<0.1 ms, <1 ms, <10 ms, <100 ms, <1 s, >=1 s):
-# decades separate "same host", "same rack", "same DC", "another DC", "struggling".
-TIER_BOUNDS = (0.0001, 0.001, 0.01, 0.1, 1.0)
-# Tier for an endpoint whose latency is not known yet: after every measured tier.
-UNKNOWN_TIER = len(TIER_BOUNDS) + 1
 # Weight of the newest sample in the latency average: smooths one slow probe without
 # hiding a real, lasting change for more than a few intervals.
 LATENCY_EWMA_ALPHA = 0.3
+# Latency classes are relative to the best endpoint of the same priority, never fixed
+# bounds: with fixed bounds (the old decades) 0.9 ms and 1.1 ms landed in different
+# classes and every node sent everything to one server. An endpoint is *equal* while
+# within EQUAL_FACTOR (or EQUAL_MARGIN) of the best and *slow* once at SLOW_FACTOR (and
+# SLOW_MARGIN) or more; in between it keeps its class. The band (1.5x wide) is as wide as
+# a +-20 % swing end to end, so jitter alone cannot carry an endpoint across both bounds.
+EQUAL_FACTOR = 2.0
+SLOW_FACTOR = 3.0
+# Below a millisecond or two a factor is probe noise (scheduling, TLS CPU), not distance.
+EQUAL_MARGIN = 0.001
+SLOW_MARGIN = 0.002
+# How long latency must stay across a bound before the class changes. Demotion is quick
+# (a slower server should stop taking new connections soon); promotion must prove itself.
+DEMOTE_HOLD = 3.0
+PROMOTE_HOLD = 10.0
+# Staggered dials: wait this many latencies for a connect before trying the next
+# endpoint too; within [MIN, MAX] (RFC 8305 uses 250 ms when nothing is known). A lost SYN
+# costs a whole second (the initial RTO), so a connect late by a few RTTs is not coming.
+ATTEMPT_DELAY_FACTOR = 4.0
+ATTEMPT_DELAY_MIN = 0.05
+ATTEMPT_DELAY_MAX = 0.25
 
 
 class Health(enum.Enum):
@@ -70,35 +87,52 @@ class Endpoint:
     dial_failures_total: int = 0
     changed_at: float | None = None
     probes: int = field(default=0)
+    # Latency class: None until measured, then False (equal to the best) or True (slow).
+    slow: bool | None = None
+    # Since when the latency has been across the bound that would change the class.
+    crossed_at: float | None = None
+    # A dial to it was overtaken by a later one (staggered dials): suspect, not failed.
+    overtaken: bool = False
 
     @property
     def suspect(self) -> bool:
-        """Healthy, but the last check or dial failed (not yet enough to flip)."""
-        return self.health is Health.HEALTHY and self.failures > 0
+        """Healthy, but the last check or dial failed or stalled (not enough to flip)."""
+        return self.health is Health.HEALTHY and (self.failures > 0 or self.overtaken)
 
     @property
     def in_doubt(self) -> bool:
         """Between states: recent results disagree with the current state."""
         if self.health is Health.HEALTHY:
-            return self.failures > 0
+            return self.suspect
         return self.health is Health.UNHEALTHY and self.successes > 0
 
     @property
-    def tier(self) -> int:
-        """Latency tier, 0 (fastest) .. len(TIER_BOUNDS); UNKNOWN_TIER if unmeasured."""
+    def latency_class(self) -> str:
+        """ "equal" (shares new connections), "slow" (only without an equal one), "unknown"."""
+        return "unknown" if self.slow is None else "slow" if self.slow else "equal"
+
+    @property
+    def attempt_delay(self) -> float:
+        """How long a dial to it may take before the next endpoint is dialled as well."""
         if self.latency is None:
-            return UNKNOWN_TIER
-        return bisect.bisect_right(TIER_BOUNDS, self.latency)
+            return ATTEMPT_DELAY_MAX
+        delay = ATTEMPT_DELAY_FACTOR * self.latency
+        return min(ATTEMPT_DELAY_MAX, max(ATTEMPT_DELAY_MIN, delay))
 
 
 class Pool:
     """The set of endpoints, their health with hysteresis, and the selection policy."""
 
-    def __init__(self, healthy_threshold: int = 1, unhealthy_threshold: int = 2) -> None:
+    def __init__(
+        self,
+        healthy_threshold: int = 1,
+        unhealthy_threshold: int = 2,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
         self.healthy_threshold = healthy_threshold
         self.unhealthy_threshold = unhealthy_threshold
         self.endpoints: dict[HostPort, Endpoint] = {}
-        self._rotation = 0
+        self._rand = rand
 
     # ------------------------------------------------------------ membership
 
@@ -117,6 +151,7 @@ class Pool:
                 self.endpoints[addr] = Endpoint(addr, spec.priority, spec.sources)
             else:
                 kept.priority, kept.sources = spec.priority, spec.sources
+        self._classify(None)
         return removed
 
     # ------------------------------------------------------------ selection
@@ -135,21 +170,24 @@ class Pool:
         """Endpoints in the order to dial them for one new connection.
 
         Healthy endpoints first (suspect ones, whose last check failed, after
-        the others), by priority, latency tier, then fewest active connections,
-        rotating among exact ties so they share the load. The
-        others follow as a last resort, so a client is refused only when no
-        endpoint accepts. With none healthy (panic), all of them are ordered
-        the same way: a broken checker must not be worse than no checker.
+        the others), by priority, latency class (slow ones by latency), then
+        fewest active connections, ties broken at random: every node decides
+        alone, and a fixed tie-break would send every node's first connection
+        to the same server. The others follow as a last resort, so a client is
+        refused only when no endpoint accepts. With none healthy (panic), all
+        of them are ordered the same way: a broken checker must not be worse
+        than no checker.
         """
         if len(self.endpoints) == 1:  # the common single-VIP setup: nothing to order
             return list(self.endpoints.values())
-        self._rotation += 1
-        eps = self.endpoints.values()
-        healthy = [ep for ep in eps if ep.health is Health.HEALTHY]
-        rest = [ep for ep in eps if ep.health is not Health.HEALTHY]
-        return _rotate_ties(healthy, _preference, self._rotation) + _rotate_ties(
-            rest, _last_resort, self._rotation
-        )
+        rand = self._rand
+        healthy: list[Endpoint] = []
+        rest: list[Endpoint] = []
+        for ep in self.endpoints.values():
+            (healthy if ep.health is Health.HEALTHY else rest).append(ep)
+        healthy.sort(key=lambda ep: (*_preference(ep), rand()))
+        rest.sort(key=lambda ep: (ep.health is Health.UNHEALTHY, *_preference(ep), rand()))
+        return healthy + rest
 
     # ------------------------------------------------------------ observations
 
@@ -162,12 +200,30 @@ class Pool:
             return None
         ep.probes += 1
         if ok and latency is not None:
-            ep.latency = (
-                latency
-                if ep.latency is None
-                else LATENCY_EWMA_ALPHA * latency + (1 - LATENCY_EWMA_ALPHA) * ep.latency
-            )
-        return self._observe(ep, ok, reason, now)
+            _smooth(ep, latency)
+        transition = self._observe(ep, ok, reason, now)
+        if transition is None and ok and latency is not None:
+            self._classify(now)
+        return transition
+
+    def record_latency(self, address: HostPort, seconds: float, now: float) -> None:
+        """Feed one latency figure (a probe's duration, a smoothed RTT, ...) of ``address``."""
+        ep = self.endpoints.get(address)
+        if ep is not None:
+            _smooth(ep, seconds)
+            self._classify(now)
+
+    def record_overtaken(self, address: HostPort) -> bool:
+        """A dial to ``address`` was still connecting when a later one won; True if news.
+
+        Suspect (new connections go elsewhere first) until a check succeeds, but no
+        failure: a slow connect is a reason to look, not yet a verdict.
+        """
+        ep = self.endpoints.get(address)
+        if ep is None or ep.overtaken:
+            return False
+        ep.overtaken = True
+        return True
 
     def record_dial(
         self, address: HostPort, ok: bool, reason: str, now: float
@@ -202,7 +258,7 @@ class Pool:
 
     def _observe(self, ep: Endpoint, ok: bool, reason: str, now: float) -> Transition | None:
         if ok:
-            ep.successes, ep.failures = ep.successes + 1, 0
+            ep.successes, ep.failures, ep.overtaken = ep.successes + 1, 0, False
         else:
             ep.successes, ep.failures = 0, ep.failures + 1
         ep.reason = reason
@@ -211,34 +267,63 @@ class Pool:
             return None
         transition = Transition(ep.address, ep.health, new, reason)
         ep.health, ep.changed_at = new, now
+        self._classify(None)
         return transition
 
+    def _classify(self, now: float | None) -> None:
+        """Settle every endpoint's latency class against the best of its priority.
 
-def _preference(ep: Endpoint) -> tuple[bool, int, int, int]:
+        ``now`` None: the endpoint set or a health state changed, which is no noise to
+        wait out, so pending crossings are decided at once.
+        """
+        best: dict[int, tuple[bool, float]] = {}
+        for ep in self.endpoints.values():
+            if ep.latency is not None:
+                # The best healthy endpoint is the reference; without one, the best of all.
+                key = (ep.health is not Health.HEALTHY, ep.latency)
+                old = best.get(ep.priority)
+                best[ep.priority] = key if old is None else min(old, key)
+        for ep in self.endpoints.values():
+            if ep.latency is not None:
+                _settle(ep, ep.latency, best[ep.priority][1], now)
+
+
+def _smooth(ep: Endpoint, seconds: float) -> None:
+    ep.latency = (
+        seconds
+        if ep.latency is None
+        else LATENCY_EWMA_ALPHA * seconds + (1 - LATENCY_EWMA_ALPHA) * ep.latency
+    )
+
+
+def _settle(ep: Endpoint, latency: float, best: float, now: float | None) -> None:
+    """The class state machine: the first figure decides, later a crossing must hold."""
+    if latency <= best or ep.slow is None:
+        # The best is equal by definition; a first figure is not noise around a class.
+        ep.slow, ep.crossed_at = latency > best and _at_slow_bound(latency, best), None
+        return
+    if ep.slow:
+        across, hold = latency <= max(EQUAL_FACTOR * best, best + EQUAL_MARGIN), PROMOTE_HOLD
+    else:
+        across, hold = _at_slow_bound(latency, best), DEMOTE_HOLD
+    if not across:
+        ep.crossed_at = None
+    elif now is None or (ep.crossed_at is not None and now - ep.crossed_at >= hold):
+        ep.slow, ep.crossed_at = not ep.slow, None
+    elif ep.crossed_at is None:
+        ep.crossed_at = now
+
+
+def _at_slow_bound(latency: float, best: float) -> bool:
+    return latency >= max(SLOW_FACTOR * best, best + SLOW_MARGIN)
+
+
+def _preference(ep: Endpoint) -> tuple[bool, int, bool, float, int]:
     # A healthy endpoint whose last check failed is suspect: hysteresis keeps its
-    # connections open, but new ones go elsewhere until it answers again.
-    return (ep.suspect, ep.priority, ep.tier, ep.active)
-
-
-def _last_resort(ep: Endpoint) -> tuple[bool, bool, int, int, int]:
-    # Unknown before unhealthy: an unchecked endpoint has not failed yet.
-    return (ep.health is Health.UNHEALTHY, *_preference(ep))
-
-
-def _rotate_ties(
-    eps: list[Endpoint], key: Callable[[Endpoint], tuple[int, ...]], turn: int
-) -> list[Endpoint]:
-    """Sort by key; rotate each group of exact ties by ``turn`` so every member leads in turn.
-
-    Rotating the whole list instead would favour a tied endpoint in proportion to the
-    number of non-tied endpoints listed before it.
-    """
-    ordered: list[Endpoint] = []
-    for _, group in itertools.groupby(sorted(eps, key=key), key=key):
-        tied = list(group)
-        start = turn % len(tied)
-        ordered += tied[start:] + tied[:start]
-    return ordered
+    # connections open, but new ones go elsewhere until it answers again. Unknown
+    # latency counts as equal: at start-up the first server measured must not take all.
+    slow = ep.slow is True
+    return (ep.suspect, ep.priority, slow, (ep.latency or 0.0) if slow else 0.0, ep.active)
 
 
 def _next_health(ep: Endpoint, healthy_threshold: int, unhealthy_threshold: int) -> Health:

@@ -100,6 +100,7 @@ class StandinAPIServer:
         self.ssl_context = ssl_context
         self.ready_status = 200
         self.api_status = 200
+        self.delay = 0.0  # seconds every answer takes (a server further away or busier)
         self.hits: collections.Counter[str] = collections.Counter()
         self.open_streams = 0  # /stream responses in progress (watch-like connections)
         self._extra_routes = list(extra_routes)
@@ -177,6 +178,8 @@ class StandinAPIServer:
         async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
             if not request.path.startswith(CONTROL_PREFIX):
                 self.hits[request.path] += 1
+                if self.delay:
+                    await asyncio.sleep(self.delay)
             if self.api_status != 200 and is_api_path(request.path):
                 message = "etcdserver: request timed out (stand-in api_status)"
                 body = status_body(self.api_status, message)

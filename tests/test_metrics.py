@@ -16,7 +16,7 @@ from util import eventually, free_port
 from kubeprism.metrics import Metrics, Result
 from kubeprism.net import HostPort
 from kubeprism.proxy import Proxy, ProxySettings
-from kubeprism.upstream import TIER_BOUNDS, EndpointSpec, Health, Pool
+from kubeprism.upstream import EndpointSpec, Health, Pool
 
 SETTINGS = ProxySettings(
     dial_timeout=1.0,
@@ -44,7 +44,7 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "kubeprism_upstream_connections": ("counter", ("endpoint",)),
     "kubeprism_upstream_dial_failures": ("counter", ("endpoint",)),
     "kubeprism_upstream_latency_seconds": ("gauge", ("endpoint",)),
-    "kubeprism_upstream_latency_tier": ("gauge", ("endpoint",)),
+    "kubeprism_upstream_slow": ("gauge", ("endpoint",)),
     "kubeprism_panic_mode": ("gauge", ()),
     "kubeprism_endpoints": ("gauge", ()),
     "kubeprism_healthy_endpoints": ("gauge", ()),
@@ -132,13 +132,13 @@ async def test_dial_and_probe_results_are_labelled_by_outcome() -> None:
     assert list(_samples(reloads, "_total", result="failure")) == [1]
 
 
-async def test_unknown_latency_tier_is_not_exported_as_a_tier() -> None:
-    """An unmeasured endpoint has no tier sample (as it has no latency sample)."""
+async def test_unknown_latency_class_is_not_exported() -> None:
+    """An unmeasured endpoint has no latency class sample (as it has no latency sample)."""
     families = _families(_filled_metrics())
-    tier = families["kubeprism_upstream_latency_tier"]
-    assert list(_samples(tier, endpoint=str(UNMEASURED))) == []
-    (measured,) = _samples(tier, endpoint=str(MEASURED))
-    assert 0 <= measured <= len(TIER_BOUNDS)
+    slow = families["kubeprism_upstream_slow"]
+    assert list(_samples(slow, endpoint=str(UNMEASURED))) == []
+    (measured,) = _samples(slow, endpoint=str(MEASURED))
+    assert measured == 0  # alone in its priority, it is the best: equal
     latency = families["kubeprism_upstream_latency_seconds"]
     assert list(_samples(latency, endpoint=str(UNMEASURED))) == []
 

@@ -171,7 +171,7 @@ def specs(*addresses: HostPort, tied: bool = False) -> dict[HostPort, EndpointSp
 
 
 def healthy_pool(*addresses: HostPort, unhealthy_threshold: int = 2, tied: bool = False) -> Pool:
-    """A pool with ``addresses`` healthy (same latency tier), preferred as ``specs`` says."""
+    """A pool with ``addresses`` healthy (equal latency), preferred as ``specs`` says."""
     pool = Pool(healthy_threshold=1, unhealthy_threshold=unhealthy_threshold)
     pool.reconcile(specs(*addresses, tied=tied))
     for address in addresses:

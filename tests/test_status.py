@@ -77,7 +77,7 @@ async def test_table_and_json_against_a_running_daemon(
             assert lines[0] == "2/2 endpoints healthy"
             header = lines[2].split()
             assert header == [
-                "ADDRESS", "STATE", "PRIO", "TIER", "LATENCY", "ACTIVE", "TOTAL",
+                "ADDRESS", "STATE", "PRIO", "CLASS", "LATENCY", "ACTIVE", "TOTAL",
                 "DIAL-FAIL", "SOURCES", "REASON",
             ]  # fmt: skip
             rows = {line.split()[0]: line.split() for line in lines[3:]}

@@ -31,7 +31,7 @@ ONE_WAY_DELAY = 0.05  # a server ~100 ms round trip away, as across regions
 
 def test_5_slow_server_not_preferred(cluster: Cluster, tmp_path: Path) -> None:
     """cp3 answers through a relay adding 50 ms each way: it stays unused while cp1/cp2
-    are healthy (it is in a slower latency tier)."""
+    are healthy (it is in the slow latency class: >= 3x the best)."""
     cluster.kill("cp3")
     cluster.start("cp3", host="127.0.0.1")  # the real server, behind the relay
     ip = cluster.cp("cp3").ip
@@ -56,7 +56,7 @@ def test_5_slow_server_not_preferred(cluster: Cluster, tmp_path: Path) -> None:
     record(
         "5 slow server (+50 ms each way)",
         f"{on_slow}/{stats.total} requests on the slow server (probe latency "
-        f"{slow['latencySeconds'] * 1000:.0f} ms, tier {slow['tier']}; fast ones "
+        f"{slow['latencySeconds'] * 1000:.0f} ms, {slow['latencyClass']}; fast ones "
         f"{fast_ms})",
         "not used while a fast one is healthy",
         met,
@@ -64,9 +64,9 @@ def test_5_slow_server_not_preferred(cluster: Cluster, tmp_path: Path) -> None:
         by_server=stats.by_server,
         failed=len(stats.failed),
         slow_latency_seconds=slow["latencySeconds"],
-        slow_tier=slow["tier"],
+        slow_class=slow["latencyClass"],
         fast_latency_seconds=[f["latencySeconds"] for f in fast],
-        fast_tiers=[f["tier"] for f in fast],
+        fast_classes=[f["latencyClass"] for f in fast],
     )
     assert on_slow == 0, stats.by_server
     assert not stats.failed, stats.failed

@@ -97,7 +97,7 @@ class Run:
         wait_for_requests(self.load, 0, 10, ok_only=True)
 
     def _spread(self, only: str) -> dict[str, list[int]]:
-        """Every stream went to one server (the others measured a slower latency tier):
+        """Every stream went to one server (the others were in the slow latency class):
         take it out for a moment so that some land elsewhere, then bring it back."""
         assert self.streams is not None
         address = self.cluster.address(only)
