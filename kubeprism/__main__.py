@@ -105,7 +105,8 @@ address. Nothing else changes: users, contexts, certificate-authority-data,
 extensions and unknown keys stay as they are.
 
 The cluster rewritten is the one named by --cluster (repeatable), else the one of the
-current context, else the only cluster in the file. The file is replaced atomically
+current context (of the only context if current-context is unset), as discovery reads
+it. The file is replaced atomically
 (temporary file in the same directory, fsync, rename) and keeps its mode and owner; a
 symlink is followed. Comments are not kept. Restart the client (systemctl restart
 kubelet) afterwards. With --diff nothing is written: a unified diff is printed, with

@@ -12,6 +12,7 @@ import difflib
 import os
 import stat
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,11 +78,13 @@ def dump(data: Any) -> str:
 def load(path: Path) -> tuple[str, dict[str, Any]]:
     """Read and check a kubeconfig file; return its text and its parsed mapping."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise KubeconfigError(f"{path}: no such file") from exc
     except OSError as exc:
         raise KubeconfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise KubeconfigError(f"{path}: not UTF-8 text: {exc}") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -97,6 +100,41 @@ def load(path: Path) -> tuple[str, dict[str, Any]]:
         if not isinstance(entry, dict) or not isinstance(entry.get("cluster"), dict):
             raise KubeconfigError(f"{path}: clusters[{i}] has no 'cluster' mapping")
     return text, data
+
+
+@dataclass(frozen=True)
+class Current:
+    """What the current context names: its cluster (by name) and user, as mappings."""
+
+    cluster_name: str
+    cluster: Mapping[str, Any]
+    user: Mapping[str, Any]
+
+
+def current(data: Mapping[str, Any]) -> Current:
+    """The current context's cluster and user: current-context, else the only context.
+
+    The one rule for discovery's credentials and for `kubeprism kubeconfig`, so one file
+    never resolves to two different clusters.
+    """
+    contexts = {
+        c.get("name"): c.get("context") or {}
+        for c in data.get("contexts") or []
+        if isinstance(c, dict)
+    }
+    name = data.get("current-context") or (next(iter(contexts)) if len(contexts) == 1 else None)
+    if name not in contexts:
+        have = ", ".join(str(n) for n in contexts) or "none"
+        raise KubeconfigError(f"no usable current-context (contexts here: {have})")
+    context = contexts[name]
+    clusters = {c.get("name"): c.get("cluster") for c in data["clusters"]}
+    cluster_name = context.get("cluster") if isinstance(context, dict) else None
+    if cluster_name not in clusters:
+        raise KubeconfigError(f"context {name!r} names no cluster of this file")
+    users = {
+        u.get("name"): u.get("user") or {} for u in data.get("users") or [] if isinstance(u, dict)
+    }
+    return Current(str(cluster_name), clusters[cluster_name], users.get(context.get("user"), {}))
 
 
 def check_server(server: str) -> None:
@@ -115,18 +153,10 @@ def _cluster_names(data: dict[str, Any], wanted: list[str]) -> list[str]:
                 f"cluster {', '.join(unknown)} not found (clusters here: {', '.join(names)})"
             )
         return wanted
-    current = data.get("current-context")
-    for entry in data.get("contexts") or []:
-        if isinstance(entry, dict) and entry.get("name") == current:
-            cluster = (entry.get("context") or {}).get("cluster")
-            if cluster in names:
-                return [cluster]
-    if len(names) == 1:
-        return names
-    raise KubeconfigError(
-        f"no current-context naming a cluster, and several clusters ({', '.join(names)}): "
-        "choose with --cluster"
-    )
+    try:
+        return [current(data).cluster_name]
+    except KubeconfigError as exc:
+        raise KubeconfigError(f"{exc}: choose a cluster with --cluster") from exc
 
 
 def _set_endpoint(cluster: dict[str, Any], server: str, tls_server_name: str) -> dict[str, Any]:

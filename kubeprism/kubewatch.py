@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
 
+from kubeprism import kubeconfig
 from kubeprism.config import ConfigError, KubernetesDiscoveryConfig, file_named_by
 from kubeprism.net import HostPort
 
@@ -77,10 +77,11 @@ def _from_kubeconfig(kc: KubernetesDiscoveryConfig, ctx: ssl.SSLContext) -> Cred
     key = f"{_KEY}.kubeconfig"
     base = Path(kc.kubeconfig).parent
     try:
-        doc = yaml.safe_load(Path(kc.kubeconfig).read_text(encoding="utf-8"))
-        cluster, user = _current(doc)
-    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(key, f"cannot use kubeconfig {kc.kubeconfig}: {exc}") from None
+        _, doc = kubeconfig.load(Path(kc.kubeconfig))
+        chosen = kubeconfig.current(doc)
+    except kubeconfig.KubeconfigError as exc:
+        raise ConfigError(key, f"cannot use kubeconfig {exc}") from None
+    cluster, user = chosen.cluster, chosen.user
     try:
         if kc.ca_file is None:
             _load_ca(ctx, cluster, base)
@@ -94,18 +95,6 @@ def _from_kubeconfig(kc: KubernetesDiscoveryConfig, ctx: ssl.SSLContext) -> Cred
         token=user.get("token"),
         token_file=str(base / token_file) if token_file else None,
     )
-
-
-def _current(doc: Any) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
-    """The cluster and user of the current context (or the only context)."""
-    contexts = {c["name"]: c["context"] for c in doc.get("contexts") or []}
-    name = doc.get("current-context") or (next(iter(contexts)) if len(contexts) == 1 else None)
-    if name not in contexts:
-        raise ValueError(f"no usable current-context (have: {', '.join(contexts) or 'none'})")
-    clusters = {c["name"]: c["cluster"] for c in doc.get("clusters") or []}
-    users = {u["name"]: u.get("user") or {} for u in doc.get("users") or []}
-    context = contexts[name]
-    return clusters[context["cluster"]], users.get(context.get("user"), {})
 
 
 def _load_ca(ctx: ssl.SSLContext, cluster: Mapping[str, Any], base: Path) -> None:

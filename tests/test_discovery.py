@@ -144,7 +144,7 @@ def test_slice_endpoints_ready_only_with_the_https_port() -> None:
 
 def test_bad_kubeconfig_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
     path = tmp_path / "kc.yaml"
-    path.write_text("apiVersion: v1\ncontexts: []\n")
+    path.write_text("apiVersion: v1\nclusters: [{name: c, cluster: {server: https://x}}]\n")
     with pytest.raises(ConfigError) as err:
         load_credentials(KubernetesDiscoveryConfig(enabled=True, kubeconfig=str(path)))
     assert err.value.key == "discovery.kubernetes.kubeconfig"

@@ -19,6 +19,8 @@ from daemon_proc import REPO, DaemonProcess, base_config
 from util import free_port, kubectl_path, run_kubectl
 
 from kubeprism import kubeconfig as kc
+from kubeprism.config import KubernetesDiscoveryConfig
+from kubeprism.kubewatch import load_credentials
 
 TIMEOUT = 20.0
 TOKEN = "s3cr3t-node-token-0123456789"
@@ -270,3 +272,37 @@ def test_bad_input_exits_2_and_changes_nothing(
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert (path.read_bytes() if path.exists() else None) == before
+
+
+def test_discovery_and_the_kubeconfig_command_resolve_the_same_cluster(
+    tmp_path: Path, pki: TestPKI
+) -> None:
+    """Regression: without current-context, discovery took the only *context* (cluster b)
+    while the command took the only *cluster* or gave up: one file, two answers."""
+    ca_data = base64.b64encode(pki.paths.ca.read_bytes()).decode()
+    doc = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": c,
+                "cluster": {
+                    "server": f"https://{c}:6443",
+                    "tls-server-name": c,
+                    "certificate-authority-data": ca_data,
+                },
+            }
+            for c in ("a", "b")
+        ],
+        "contexts": [{"name": "only", "context": {"cluster": "b", "user": "u"}}],
+        "users": [{"name": "u", "user": {"token": TOKEN}}],
+    }
+    path = write(tmp_path / "kubelet.conf", doc)
+    creds = load_credentials(KubernetesDiscoveryConfig(enabled=True, kubeconfig=str(path)))
+    assert creds.server_name == "b"
+    result = cli("--kubeconfig", str(path))
+    assert result.returncode == 0, result.stderr
+    servers = {
+        c["name"]: c["cluster"]["server"] for c in yaml.safe_load(path.read_text())["clusters"]
+    }
+    assert servers == {"a": "https://a:6443", "b": kc.DEFAULT_SERVER}
