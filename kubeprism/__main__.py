@@ -10,7 +10,7 @@ from pathlib import Path
 import uvloop
 import yaml
 
-from kubeprism import __version__, prepare
+from kubeprism import __version__, prepare, succession
 from kubeprism import kubeconfig as kc
 from kubeprism import status as st
 from kubeprism.config import DEFAULT_CONFIG_PATH, ConfigError, config_to_dict
@@ -204,8 +204,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if prepared is None:
         return EXIT_CONFIG
 
+    daemon = Daemon(prepared, args.config)
+
     async def main() -> None:
-        daemon = Daemon(prepared, args.config)
         daemon.bind()
         await daemon.run()
 
@@ -214,6 +215,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except StartupError as exc:
         logger.error("%s", exc)
         return EXIT_STARTUP
+    if daemon.successor is not None:  # SIGUSR2: the loop is gone, the connections are not
+        succession.exec_in_place(*daemon.successor)
     return EXIT_OK
 
 

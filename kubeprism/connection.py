@@ -24,6 +24,21 @@ class CloseReason(enum.Enum):
     REMOVED = "removed"
 
 
+@dataclass(slots=True)
+class Frozen:
+    """A connection stopped for a handover: its sockets and the bytes not yet delivered.
+
+    ``upstream`` is None for a client that was accepted but not forwarded yet (its dial
+    was cancelled); the next process dials for it.
+    """
+
+    client: socket.socket
+    upstream: socket.socket | None = None
+    address: HostPort | None = None
+    to_upstream: bytes = b""
+    to_client: bytes = b""
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionContext:
     """What a connection needs from its proxy, and nothing more."""
@@ -72,12 +87,21 @@ class Connection:
         """Bytes moved in both directions so far."""
         return self.pumps[0].moved + self.pumps[1].moved
 
-    def start(self) -> None:
-        """Start both directions."""
+    def start(self, frozen: Frozen | None = None) -> None:
+        """Start both directions (an adopted connection first sends what was left)."""
         a, b = self.pumps
         a.peer, b.peer = b, a
-        a.start()
-        b.start()
+        a.resume(frozen.to_upstream if frozen else b"")
+        b.resume(frozen.to_client if frozen else b"")
+
+    def freeze(self) -> Frozen:
+        """Stop both directions without closing anything (a handover)."""
+        self.closed = True
+        to_upstream, to_client = (pump.freeze() for pump in self.pumps)
+        for pump in self.pumps:
+            pump.detach()
+        self._forget(self)
+        return Frozen(self.client, self.upstream, self.address, to_upstream, to_client)
 
     def idle_for(self, now: float) -> float:
         """Seconds since a sweep last saw bytes move (never counted from before they moved)."""

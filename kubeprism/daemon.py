@@ -20,9 +20,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from kubeprism import prepare, systemd
+from kubeprism import handover, prepare, succession, systemd
 from kubeprism.config import Config, ConfigError
-from kubeprism.connection import CloseReason
+from kubeprism.connection import CloseReason, Frozen
 from kubeprism.health import HealthChecker, HttpsProbe, TcpProbe
 from kubeprism.logs import set_level
 from kubeprism.membership import Membership
@@ -112,15 +112,26 @@ class Daemon:
         # Probe clients replaced by a reload, closed once their probes must be done.
         self._retiring: set[asyncio.Task[None]] = set()
         set_level(self.cfg.log_level)
+        # Restart without closing connections: what the previous process passed on, and
+        # how this one passes them on ("store": systemd's fd store; "exec": in place).
+        self.taken: list[Frozen] = []
+        self._stored_names: list[str] = []
+        self._store_listeners: list[socket.socket] = []
+        self._handover: str | None = None
+        self.successor: tuple[list[Frozen], list[socket.socket]] | None = None
 
     # ------------------------------------------------------------ start-up
 
     def bind(self) -> None:
         """Adopt sockets passed by systemd, bind the rest; raise StartupError on failure."""
         try:
-            passed = systemd.listen_fds()
+            fds = systemd.passed_fds()
+            passed = systemd.adopt_sockets(p for p in fds if not handover.is_connection_name(p[1]))
         except systemd.ListenFdsError as exc:
             raise StartupError(str(exc)) from exc
+        self.taken = succession.take_over([p for p in fds if handover.is_connection_name(p[1])])
+        self._stored_names = sorted({n for _, n in fds if n.startswith(handover.PREFIX + ".")})
+        from_unit = {id(s) for n, ss in passed.items() if n != handover.LISTENER_NAME for s in ss}
         match = systemd.match_listeners(passed, self.cfg.listen)
         for sock, why in match.unmatched:
             logger.warning("%s; closing it", why)
@@ -135,6 +146,8 @@ class Daemon:
                 sock.close()
             raise
         self.listeners = [match.matched.get(a) or bound[a] for a in self.cfg.listen]
+        # A socket unit keeps its own sockets across restarts; the store needs the others.
+        self._store_listeners = [s for s in self.listeners if id(s) not in from_unit]
         self.admin_socket = bound[admin[0]] if admin else None
 
     def _build(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -159,18 +172,20 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        loop.add_signal_handler(signal.SIGUSR2, self.request_reexec)
         runner = web.AppRunner(admin_app(self.pool, self.metrics), access_log=None)
         await runner.setup()
         try:
             await self._serve(runner)
         finally:
             await self._shutdown(runner)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
                 loop.remove_signal_handler(sig)
 
     async def _serve(self, runner: web.AppRunner) -> None:
         started = time.monotonic()
         await self.membership.refresh()
+        self._take_over()
         if self.admin_socket is not None:
             await web.SockSite(runner, self.admin_socket).start()
         self.proxy.serve(self.listeners)
@@ -205,11 +220,25 @@ class Daemon:
         self._signals += 1
         name = signal.Signals(signum).name
         if self._signals == 1:
-            logger.info("received %s; draining", name)
+            if signum == signal.SIGTERM and systemd.fdstore_capacity():
+                self._handover = "store"
+                logger.info("received %s; handing connections to the service manager", name)
+            else:
+                logger.info("received %s; draining", name)
             self.stop_requested.set()
         else:
             logger.warning("received %s again; closing every connection now", name)
             self.force_requested.set()
+
+    def request_reexec(self) -> None:
+        """SIGUSR2: replace this process by a fresh one (same PID), keeping every connection."""
+        if self.stop_requested.is_set():
+            logger.warning("received SIGUSR2 while stopping; ignoring it")
+            return
+        self._signals += 1
+        self._handover = "exec"
+        logger.info("received SIGUSR2; re-executing in place")
+        self.stop_requested.set()
 
     def request_reload(self) -> None:
         """Re-read the config file (SIGHUP); one reload at a time."""
@@ -300,9 +329,43 @@ class Daemon:
 
     # ------------------------------------------------------------ shutdown
 
+    def _take_over(self) -> None:
+        """Resume the connections of the previous process (endpoints are known by now)."""
+        # Out of the store before any byte moves: should this process die, the next one
+        # must not take over connections whose bytes this one already forwarded.
+        systemd.notify_many(systemd.remove_messages(self._stored_names))
+        closed = 0
+        for frozen in self.taken:
+            if not self.proxy.adopt(frozen):
+                succession.close_frozen(frozen)
+                closed += 1
+        if self.taken:
+            self.proxy.stats.closed[CloseReason.REMOVED] += closed
+            logger.info(
+                "took over %d connection(s) from the previous process%s",
+                len(self.taken) - closed,
+                f"; closed {closed} whose endpoint is gone" if closed else "",
+            )
+        self.taken = []
+
+    def _hand_over(self) -> None:
+        """Stop forwarding and pass every connection (and listener) to the next process."""
+        frozen = self.proxy.freeze_all()
+        if self._handover == "store":
+            listeners = self._store_listeners
+            succession.to_store(frozen, listeners, systemd.fdstore_capacity())
+        else:
+            self.successor = (frozen, list(self.listeners))
+            self.listeners = []  # not closed: exec_in_place passes them on
+
     async def _shutdown(self, runner: web.AppRunner) -> None:
-        systemd.stopping()
+        if self._handover == "exec":
+            systemd.reloading(time.monotonic_ns() // 1000)
+        else:
+            systemd.stopping()
         self.proxy.stop_accepting()
+        if self._handover:
+            self._hand_over()
         for sock in self.listeners:
             sock.close()
         # Our own EndpointSlice watch runs through our own listener: stopped after the drain,

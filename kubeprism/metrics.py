@@ -263,6 +263,11 @@ class StateCollector(Collector):
         yield CounterMetricFamily(
             "kubeprism_accept_errors", "Failed accept() calls.", value=st.accept_errors
         )
+        yield CounterMetricFamily(
+            "kubeprism_connections_adopted",
+            "Connections taken over, still open, from the process before a restart.",
+            value=st.adopted,
+        )
         mode = GaugeMetricFamily(
             "kubeprism_forwarding_mode", "Configured forwarding mode (1 = active).", labels=["mode"]
         )

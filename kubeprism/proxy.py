@@ -14,7 +14,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kubeprism.connection import CloseReason, Connection, ConnectionContext, set_linger_rst
+from kubeprism.connection import (
+    CloseReason,
+    Connection,
+    ConnectionContext,
+    Frozen,
+    set_linger_rst,
+)
 from kubeprism.dial import Dial, DialOptions
 from kubeprism.net import ACCEPT_ABORTED_ERRNOS, LOCAL_ERRNOS, HostPort
 from kubeprism.splice import ByteCounter, Mode, PipePool, PumpContext
@@ -58,6 +64,7 @@ class ProxyStats:
     closed: dict[CloseReason, int] = field(default_factory=lambda: dict.fromkeys(CloseReason, 0))
     dial_failures: int = 0
     local_dial_errors: int = 0
+    adopted: int = 0  # connections taken over from the previous process
     upstream_bytes: ByteCounter = field(default_factory=ByteCounter)  # client -> upstream
     client_bytes: ByteCounter = field(default_factory=ByteCounter)  # upstream -> client
 
@@ -228,12 +235,18 @@ class Proxy:
 
     # ------------------------------------------------------------ connections
 
-    def _start(self, client: socket.socket, upstream: socket.socket, address: HostPort) -> None:
-        self.stats.forwarded += 1
+    def _start(
+        self,
+        client: socket.socket,
+        upstream: socket.socket,
+        address: HostPort,
+        frozen: Frozen | None = None,
+    ) -> None:
+        self.stats.forwarded += frozen is None
         self.pool.opened(address)
         conn = Connection(self._conn_ctx, client, upstream, address)
         self._by_endpoint.setdefault(address, set()).add(conn)
-        conn.start()
+        conn.start(frozen)
 
     def _forget(self, conn: Connection) -> None:
         """Called once by Connection.close()."""
@@ -248,6 +261,33 @@ class Proxy:
     def _check_drained(self) -> None:
         if not self.active:
             self._drained.set()
+
+    # ------------------------------------------------------------ handover
+
+    def freeze_all(self) -> list[Frozen]:
+        """Stop reading everywhere and give up every connection without closing it."""
+        frozen = []
+        for dial in list(self._dialing):
+            dial.cancel()
+            frozen.append(Frozen(dial.client))
+        self._dialing.clear()
+        for conns in list(self._by_endpoint.values()):
+            frozen.extend(conn.freeze() for conn in list(conns))
+        return frozen
+
+    def adopt(self, frozen: Frozen) -> bool:
+        """Resume a connection of the previous process; False if its endpoint is gone."""
+        if frozen.upstream is None or frozen.address is None:
+            self._admit(frozen.client)  # never dialed: dial now, like a fresh accept
+            return True
+        # A fresh process knows no health yet: an endpoint that is down is closed as
+        # usual when its first probes fail (handle_transition).
+        if frozen.address not in self.pool.endpoints:
+            return False
+        self.stats.adopted += 1
+        self._drained.clear()
+        self._start(frozen.client, frozen.upstream, frozen.address, frozen)
+        return True
 
     def connections_to(self, address: HostPort) -> int:
         """Live connections forwarded to ``address``."""

@@ -189,6 +189,39 @@ class Pump:
             _close_pipe(pipe) if self.pending else self._pipes.put(pipe)
             self.pending = 0
 
+    def freeze(self) -> bytes:
+        """Stop at once for a handover; return the bytes read from src but not yet sent.
+
+        One last non-blocking flush first, so usually nothing is left. What is left
+        (a full destination) is returned instead of lost: the next process sends it
+        before it reads again, so no byte is lost or duplicated.
+        """
+        self._want_read(False)
+        self._want_write(False)
+        with contextlib.suppress(OSError):  # a dead dst: the next process sees the error
+            if self._pipe is not None:
+                self._splice_out()
+            elif self._backlog:
+                self._copy_out()
+        left = [self._backlog]
+        if self._pipe is not None:
+            while self.pending:
+                chunk = os.read(self._pipe[0], self.pending)
+                self.pending -= len(chunk)
+                left.append(chunk)
+            self._release_pipe()
+        self._backlog = b""
+        self.done = True
+        return b"".join(left)
+
+    def resume(self, backlog: bytes) -> None:
+        """Start an adopted direction: send what the previous process left, then read."""
+        if backlog:
+            self._backlog = backlog
+            self._want_write(True)
+        else:
+            self._want_read(True)
+
     def detach(self) -> None:
         """Drop the done callback and the peer: breaks the reference cycles, so a closed
         connection is freed by reference counting instead of waiting for the GC."""

@@ -7,11 +7,12 @@ function here is a harmless no-op, so callers never need to ask whether systemd 
 
 from __future__ import annotations
 
+import array
 import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from kubeprism.net import HostPort
@@ -23,6 +24,8 @@ SD_LISTEN_FDS_START = 3
 # systemd's name for a descriptor that the socket unit did not name (FileDescriptorName=).
 UNNAMED_FD = "unknown"
 _LISTEN_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+# Per datagram: a manager that stops reading must not hang a shutdown for long.
+NOTIFY_SEND_TIMEOUT = 5.0
 
 
 class ListenFdsError(Exception):
@@ -32,28 +35,75 @@ class ListenFdsError(Exception):
 # ---------------------------------------------------------------- sd_notify
 
 
-def notify(message: str) -> bool:
-    """Send one sd_notify datagram to $NOTIFY_SOCKET; False when unset or undeliverable."""
+def _notify_address() -> str | None:
     target = os.environ.get("NOTIFY_SOCKET", "")
     if not target:
-        return False
+        return None
     if target.startswith("@"):
-        address = "\0" + target[1:]  # abstract namespace
-    elif target.startswith("/"):
-        address = target
-    else:
-        # vsock:... is for VMs and containers talking to a host manager; not our case.
-        logger.warning("NOTIFY_SOCKET=%s: unsupported address; not notifying systemd", target)
-        return False
+        return "\0" + target[1:]  # abstract namespace
+    if target.startswith("/"):
+        return target
+    # vsock:... is for VMs and containers talking to a host manager; not our case.
+    logger.warning("NOTIFY_SOCKET=%s: unsupported address; not notifying systemd", target)
+    return None
+
+
+def notify(message: str) -> bool:
+    """Send one sd_notify datagram to $NOTIFY_SOCKET; False when unset or undeliverable."""
+    return notify_many([(message, ())]) == 1
+
+
+def notify_many(messages: Iterable[tuple[str, Sequence[int]]]) -> int:
+    """Send sd_notify datagrams, each with its descriptors (SCM_RIGHTS); return how many
+    were sent before the first failure (0 when NOTIFY_SOCKET is unset)."""
+    address = _notify_address()
+    if address is None:
+        return 0
+    sent = 0
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            # Blocking: the manager's queue is short (net.unix.max_dgram_qlen), and a burst of
+            # FDSTORE messages must wait for it rather than fail; bounded all the same.
+            sock.settimeout(NOTIFY_SEND_TIMEOUT)
             sock.connect(address)
-            sock.sendall(message.encode())
+            for message, fds in messages:
+                rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                sock.sendmsg([message.encode()], rights if fds else [])
+                sent += 1
     except OSError as exc:
         # Losing a status line must never take the balancer down; systemd's timeouts handle it.
-        logger.warning("sd_notify to %s failed: %s", target, exc.strerror or exc)
-        return False
-    return True
+        logger.warning(
+            "sd_notify to %s failed: %s", os.environ["NOTIFY_SOCKET"], exc.strerror or exc
+        )
+    return sent
+
+
+def fdstore_capacity() -> int:
+    """How many descriptors the service manager keeps for us across a restart (0: none).
+
+    systemd >= 254 sets $FDSTORE to FileDescriptorStoreMax=; the shipped unit sets it
+    too, for older versions (252 on Debian 12), which do not.
+    """
+    text = os.environ.get("FDSTORE", "")
+    if not text.isdigit() or _notify_address() is None:
+        return 0
+    return int(text)
+
+
+def store_messages(named_fds: Iterable[tuple[int, str]]) -> Iterator[tuple[str, Sequence[int]]]:
+    """FDSTORE=1 messages, one per descriptor: FDNAME= names every fd of its message.
+
+    FDPOLL=0: systemd would otherwise drop a stored descriptor on POLLHUP, which a pipe or a
+    half-closed socket with unread bytes reports too.
+    """
+    for fd, name in named_fds:
+        yield f"FDSTORE=1\nFDNAME={name}\nFDPOLL=0", (fd,)
+
+
+def remove_messages(names: Iterable[str]) -> Iterator[tuple[str, Sequence[int]]]:
+    """FDSTOREREMOVE=1 messages: the store forgets what this process took over."""
+    for name in names:
+        yield f"FDSTOREREMOVE=1\nFDNAME={name}", ()
 
 
 def ready(status_text: str | None = None) -> bool:
@@ -103,17 +153,22 @@ def listen_fds(unset_environment: bool = True) -> dict[str, list[socket.socket]]
     Empty when nothing was passed to this process. The descriptors are made close-on-exec
     and, by default, the LISTEN_* variables are removed so no child sees them.
     """
+    return adopt_sockets(passed_fds(unset_environment))
+
+
+def passed_fds(unset_environment: bool = True) -> list[tuple[int, str]]:
+    """(descriptor, name) of everything the service manager passed to this process."""
     env = {name: os.environ.get(name) for name in _LISTEN_ENV}
     if unset_environment:
         for name in _LISTEN_ENV:
             os.environ.pop(name, None)
     pid_text, count_text, names_text = env["LISTEN_PID"], env["LISTEN_FDS"], env["LISTEN_FDNAMES"]
     if not pid_text or not count_text:
-        return {}
+        return []
     if not pid_text.isdigit():
         raise ListenFdsError(f"LISTEN_PID={pid_text!r} is not a process id")
     if int(pid_text) != os.getpid():
-        return {}  # meant for another process (we were started by the one they were passed to)
+        return []  # meant for another process (we were started by the one they were passed to)
     if not count_text.isdigit():
         raise ListenFdsError(f"LISTEN_FDS={count_text!r} is not a number")
     count = int(count_text)
@@ -122,11 +177,16 @@ def listen_fds(unset_environment: bool = True) -> dict[str, list[socket.socket]]
         raise ListenFdsError(
             f"LISTEN_FDNAMES has {len(names)} name(s) for LISTEN_FDS={count} descriptor(s)"
         )
-    passed: dict[str, list[socket.socket]] = {}
     fds = range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count)
+    return [(fd, name or UNNAMED_FD) for fd, name in zip(fds, names, strict=True)]
+
+
+def adopt_sockets(named_fds: Iterable[tuple[int, str]]) -> dict[str, list[socket.socket]]:
+    """Passed descriptors as sockets by name; ListenFdsError if one is not a socket."""
+    passed: dict[str, list[socket.socket]] = {}
     try:
-        for fd, name in zip(fds, names, strict=True):
-            passed.setdefault(name or UNNAMED_FD, []).append(_adopt(fd, name))
+        for fd, name in named_fds:
+            passed.setdefault(name, []).append(_adopt(fd, name))
     except ListenFdsError:
         for sock in (s for socks in passed.values() for s in socks):
             sock.close()

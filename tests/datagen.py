@@ -17,7 +17,8 @@ BLOCK_SIZE = 64 * 1024
 SEED = 0x6B70_7269_736D
 
 
-@functools.lru_cache(maxsize=4)
+# 1024 blocks = 64 MiB: concurrent streams at different offsets of a 64 MiB stream all hit.
+@functools.lru_cache(maxsize=1024)
 def _block(index: int) -> bytes:
     # Seeding per block makes every block computable on its own, so a verifier can start
     # anywhere and the cost stays linear in the bytes actually produced.
@@ -80,7 +81,9 @@ class StreamVerifier:
             index, within = divmod(pos, BLOCK_SIZE)
             take = min(len(view), BLOCK_SIZE - within, self.expected_len - pos)
             expected = _block(index)[within : within + take]
-            if view[:take] != expected:
+            # bytes(), not the memoryview itself: memoryview comparison goes element by
+            # element in Python (measured 2 ms per 64 KiB), bytes comparison is a memcmp.
+            if bytes(view[:take]) != expected:
                 self.mismatch_offset = pos + _first_difference(view[:take], expected)
                 self.received += len(view)
                 return

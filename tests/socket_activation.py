@@ -17,9 +17,6 @@ import os
 import sys
 from typing import Any
 
-from kubeprism import systemd
-from kubeprism.config import parse_host_port
-
 # Above anything a fresh Python process has open, so moving fds there clobbers nothing.
 _PARKING_FD = 100
 GREETING = "hello from {address}\n"
@@ -46,6 +43,10 @@ def exec_with_listen_fds(specs: list[str], program: list[str]) -> None:
 
 def child(wanted_args: list[str]) -> None:
     """Report what listen_fds() and match_listeners() make of the passed sockets."""
+    # Imported here: the exec wrapper stays a bare interpreter (restart pauses are measured).
+    from kubeprism import systemd
+    from kubeprism.config import parse_host_port
+
     try:
         passed = systemd.listen_fds()
     except systemd.ListenFdsError as exc:
