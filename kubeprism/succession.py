@@ -159,6 +159,7 @@ def take_over(named: Sequence[NamedFd]) -> list[Frozen]:
     a warning (a bad name, a missing partner, a descriptor that is not what it claims)."""
     result = handover.sort_passed(named)
     problems = [f"fd {fd}: {why}" for fd, why in result.rejected]
+    closed = len(result.rejected)
     for fd, _ in result.rejected:
         os.close(fd)
     taken = []
@@ -167,10 +168,11 @@ def take_over(named: Sequence[NamedFd]) -> list[Frozen]:
             taken.append(_frozen(stored))
         except ValueError as exc:
             problems.append(f"connection {stored.id}: {exc}")
+            closed += len(stored.items())
     if problems:
         logger.warning(
             "closed %d unusable descriptor(s) passed by the previous process: %s",
-            len(problems),
+            closed,
             "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""),
         )
     return taken

@@ -54,6 +54,11 @@ class ServiceManager:
             fds = tuple(fd for fd, _ in self.store)
         return [sys.executable, ACTIVATION, "exec", *specs, "--"], fds
 
+    def seed(self, fd: int, name: str) -> None:
+        """Put a copy of ``fd`` in the store, as a previous process would have."""
+        with self._lock:
+            self.store.append((os.dup(fd), name))
+
     def stored_names(self) -> list[str]:
         """Names in the store right now."""
         self.drain()

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
+import socket
 import time
 from asyncio.subprocess import PIPE
 from collections.abc import AsyncIterator
@@ -89,6 +91,64 @@ async def service(cfg: dict[str, Any], workdir: Path) -> AsyncIterator[Service]:
 
 def _config(upstream_port: int, **overrides: Any) -> dict[str, Any]:
     return base_config([f"127.0.0.1:{upstream_port}"], healthCheck={"type": "tcp"}, **overrides)
+
+
+async def test_takeover_closes_what_it_cannot_use_and_resumes_the_rest(tmp_path: Path) -> None:
+    """A store holding junk next to one good connection with undelivered bytes both ways:
+    the junk is closed with a warning, the good one resumes with its bytes in order."""
+    async with LoadServer() as upstream:
+        cfg = _config(upstream.port)
+        svc = Service(cfg, tmp_path)
+        with contextlib.ExitStack() as stack:
+            lsock = stack.enter_context(socket.create_server(("127.0.0.1", 0)))
+
+            def pair() -> tuple[socket.socket, socket.socket]:
+                outer = stack.enter_context(socket.create_connection(lsock.getsockname()))
+                inner = stack.enter_context(lsock.accept()[0])
+                return outer, inner
+
+            up = stack.enter_context(socket.create_connection(("127.0.0.1", upstream.port)))
+            up.sendall(b"E\n")  # what the previous process forwarded: the echo protocol
+            endpoint = f"127.0.0.1:{upstream.port}".encode().hex()
+            client, kp_client = pair()
+            svc.manager.seed(kp_client.fileno(), "kp.0a-1.c")
+            svc.manager.seed(up.fileno(), f"kp.0a-1.u.{endpoint}")
+            for data, name in ((b"hello", "kp.0a-1.bu"), (b"early:", "kp.0a-1.bc")):
+                memfd = os.memfd_create("test")
+                os.write(memfd, data)
+                svc.manager.seed(memfd, name)
+                os.close(memfd)
+            lone, kp_lone = pair()
+            svc.manager.seed(kp_lone.fileno(), "kp.0b-2.c")  # no upstream partner
+            garbled, kp_garbled = pair()
+            svc.manager.seed(kp_garbled.fileno(), "kp.0c-3.zz")
+            peer, kp_peer = pair()
+            r, w = os.pipe()
+            svc.manager.seed(r, "kp.0d-4.c")  # a pipe is no client socket: its partner goes too
+            svc.manager.seed(kp_peer.fileno(), f"kp.0d-4.u.{endpoint}")
+            udp = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            svc.manager.seed(udp.fileno(), "kp.0e-5.w")
+            for fd in (r, w):
+                os.close(fd)
+            for sock in (up, kp_client, kp_lone, kp_garbled, kp_peer):
+                sock.close()
+            try:
+                daemon = await svc.start()
+                for junk_peer in (lone, garbled, peer, client):
+                    junk_peer.settimeout(5)
+                for junk_peer in (lone, garbled, peer):
+                    assert await asyncio.to_thread(junk_peer.recv, 100) == b""
+                got = b""
+                while len(got) < len(b"early:hello"):
+                    got += await asyncio.to_thread(client.recv, 100)
+                assert got == b"early:hello"
+                await eventually(lambda: svc.manager.stored_names() == [], 5, message="removed")
+            finally:
+                svc.close()
+    log = daemon.log()
+    assert "took over 1 connection(s)" in log
+    assert "closed 5 unusable descriptor(s)" in log, log
+    assert "Traceback" not in log
 
 
 async def _restart_measured(svc: Service, load: Load) -> float:
