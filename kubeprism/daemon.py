@@ -331,29 +331,14 @@ class Daemon:
 
     def _take_over(self) -> None:
         """Resume the connections of the previous process (endpoints are known by now)."""
-        # Out of the store before any byte moves: should this process die, the next one
-        # must not take over connections whose bytes this one already forwarded.
-        systemd.notify_many(systemd.remove_messages(self._stored_names))
-        closed = 0
-        for frozen in self.taken:
-            if not self.proxy.adopt(frozen):
-                succession.close_frozen(frozen)
-                closed += 1
-        if self.taken:
-            self.proxy.stats.closed[CloseReason.REMOVED] += closed
-            logger.info(
-                "took over %d connection(s) from the previous process%s",
-                len(self.taken) - closed,
-                f"; closed {closed} whose endpoint is gone" if closed else "",
-            )
+        succession.resume(self.proxy, self.taken, self._stored_names)
         self.taken = []
 
     def _hand_over(self) -> None:
         """Stop forwarding and pass every connection (and listener) to the next process."""
         frozen = self.proxy.freeze_all()
         if self._handover == "store":
-            listeners = self._store_listeners
-            succession.to_store(frozen, listeners, systemd.fdstore_capacity())
+            succession.to_store(frozen, self._store_listeners, systemd.fdstore_capacity())
         else:
             self.successor = (frozen, list(self.listeners))
             self.listeners = []  # not closed: exec_in_place passes them on

@@ -4,8 +4,8 @@ A connection is handed over as up to four descriptors, each with its own name (o
 sd_notify FDSTORE message names every descriptor it carries, so each travels alone):
 
     kp.<id>.c              the client socket
-    kp.<id>.u.<hex>        the upstream socket; <hex> is the endpoint ("10.0.0.1:6443")
-                           hex-encoded, because FDNAME forbids ':' (IPv6, the port)
+    kp.<id>.u.<hex>        the upstream socket; <hex> is the endpoint's packed address and
+                           port (FDNAME forbids ':'; short, because every name counts)
     kp.<id>.bu / kp.<id>.bc  bytes read but not yet delivered to the upstream / the client
     kp.<id>.w              a client accepted but not yet forwarded (the next process dials)
 
@@ -16,13 +16,13 @@ Nothing here touches a descriptor: the items paired are whatever the caller pass
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from kubeprism.config import ConfigError, parse_host_port
 from kubeprism.net import HostPort
 
 T = TypeVar("T")
@@ -40,7 +40,7 @@ _ID = re.compile(r"[0-9a-f]{1,16}-[0-9a-f]{1,8}")
 
 def new_generation() -> str:
     """A random generation tag for this process's names."""
-    return secrets.token_hex(4)
+    return secrets.token_hex(3)
 
 
 def names_for(
@@ -50,12 +50,18 @@ def names_for(
     base = f"{PREFIX}.{generation}-{n:x}"
     if address is None:
         return [f"{base}.{WAITING}"]
-    names = [f"{base}.{CLIENT}", f"{base}.{UPSTREAM}.{str(address).encode().hex()}"]
+    names = [f"{base}.{CLIENT}", f"{base}.{UPSTREAM}.{encode_endpoint(address)}"]
     if to_upstream:
         names.append(f"{base}.{TO_UPSTREAM}")
     if to_client:
         names.append(f"{base}.{TO_CLIENT}")
     return names
+
+
+def encode_endpoint(address: HostPort) -> str:
+    """An IP endpoint as hex of its packed address and port ("0a0000011923")."""
+    packed = ipaddress.ip_address(address.host).packed + address.port.to_bytes(2, "big")
+    return packed.hex()
 
 
 def is_connection_name(name: str) -> bool:
@@ -118,9 +124,12 @@ def parse_name(name: str) -> tuple[str, str, HostPort | None]:
 
 def _endpoint(name: str, text: str) -> HostPort:
     try:
-        return parse_host_port("endpoint", bytes.fromhex(text).decode("ascii"), require_ip=True)
-    except (ValueError, ConfigError) as exc:
-        raise ValueError(f"name {name!r} names no endpoint: {exc}") from exc
+        packed = bytes.fromhex(text)
+    except ValueError:
+        packed = b""
+    if len(packed) not in (6, 18):  # IPv4 or IPv6 address, then the port
+        raise ValueError(f"name {name!r} names no endpoint")
+    return HostPort(str(ipaddress.ip_address(packed[:-2])), int.from_bytes(packed[-2:], "big"))
 
 
 _SLOTS = {

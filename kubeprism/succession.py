@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from kubeprism import handover, systemd
-from kubeprism.connection import Frozen
+from kubeprism.connection import CloseReason, Frozen
+from kubeprism.proxy import Proxy
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,25 @@ def exec_in_place(frozen: Sequence[Frozen], listeners: Sequence[socket.socket]) 
 
 
 # ---------------------------------------------------------------- taking over
+
+
+def resume(proxy: Proxy, taken: Sequence[Frozen], stored_names: Sequence[str]) -> None:
+    """Forward the taken-over connections again; close those whose endpoint is gone."""
+    # Out of the store before any byte moves: should this process die, the next one
+    # must not take over connections whose bytes this one already forwarded.
+    systemd.notify_many(systemd.remove_messages(stored_names))
+    closed = 0
+    for frozen in taken:
+        if not proxy.adopt(frozen):
+            close_frozen(frozen)
+            closed += 1
+    if taken:
+        proxy.stats.closed[CloseReason.REMOVED] += closed
+        logger.info(
+            "took over %d connection(s) from the previous process%s",
+            len(taken) - closed,
+            f"; closed {closed} whose endpoint is gone" if closed else "",
+        )
 
 
 def take_over(named: Sequence[NamedFd]) -> list[Frozen]:

@@ -151,6 +151,8 @@ def test_units_match_the_daemon_defaults() -> None:
     assert sock["ListenStream"] == list(DEFAULT_LISTEN)
     assert sock["FileDescriptorName"] == ["kubeprism"]
     assert "PartOf" not in sock  # a service restart must not close the sockets
+    # systemd 252 does not set $FDSTORE: the unit says what FileDescriptorStoreMax= is.
+    assert service["Environment"] == [f"FDSTORE={service['FileDescriptorStoreMax'][0]}"]
 
 
 # ------------------------------------------------------------------ static pod

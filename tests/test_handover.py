@@ -15,7 +15,7 @@ import signal
 import socket
 import time
 from asyncio.subprocess import PIPE
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,9 @@ from daemon_proc import DaemonProcess, base_config
 from restart_load import Load, LoadServer, check_held, open_held, pinger, requester, stream_client
 from service_manager import ServiceManager
 from util import eventually, kubectl_argv, kubectl_env
+
+from kubeprism import handover
+from kubeprism.net import HostPort
 
 STREAMS = 20
 STREAM_SIZE = 64 << 20
@@ -109,7 +112,7 @@ async def test_takeover_closes_what_it_cannot_use_and_resumes_the_rest(tmp_path:
 
             up = stack.enter_context(socket.create_connection(("127.0.0.1", upstream.port)))
             up.sendall(b"E\n")  # what the previous process forwarded: the echo protocol
-            endpoint = f"127.0.0.1:{upstream.port}".encode().hex()
+            endpoint = handover.encode_endpoint(HostPort("127.0.0.1", upstream.port))
             client, kp_client = pair()
             svc.manager.seed(kp_client.fileno(), "kp.0a-1.c")
             svc.manager.seed(up.fileno(), f"kp.0a-1.u.{endpoint}")
@@ -226,9 +229,7 @@ async def test_reexec_in_place_keeps_connections(tmp_path: Path) -> None:
             stream = asyncio.create_task(stream_client(port, 16 << 20, load), name="stream")
             for n in range(1, 4):
                 daemon.signal(signal.SIGUSR2)
-                await eventually(
-                    lambda n=n: daemon.log().count("took over") == n, 15, message="re-exec"
-                )
+                await eventually(_took_over(daemon, n), 15, message=f"re-exec #{n}")
             await asyncio.wait_for(stream, 60)
             await check_held(held, load)
             metrics = await daemon.ametrics()
@@ -239,6 +240,10 @@ async def test_reexec_in_place_keeps_connections(tmp_path: Path) -> None:
     assert load.streams[0].verifier.complete and load.streams[0].sha_ok
     assert metric_sample(metrics, "kubeprism_connections_adopted_total") >= len(held)
     assert "re-executing with" in daemon.log()
+
+
+def _took_over(daemon: DaemonProcess, times: int) -> Callable[[], bool]:
+    return lambda: daemon.log().count("took over") == times
 
 
 async def _watch(request: web.Request) -> web.StreamResponse:

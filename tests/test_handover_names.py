@@ -7,10 +7,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kubeprism import handover
-from kubeprism.config import HostPort
+from kubeprism.net import HostPort
 
 EP = HostPort("10.0.0.1", 6443)
 EP6 = HostPort("2001:db8::1", 6443)
+UP = "kp.ab-1.u." + handover.encode_endpoint(EP)
 
 
 def _valid_fdname(name: str) -> bool:
@@ -49,8 +50,8 @@ def test_generations_never_pair_across_processes() -> None:
     ("names", "why"),
     [
         (["kp.ab-1.c"], "upstream socket is missing"),
-        (["kp.ab-1.u.31302e302e302e313a36343433"], "client socket is missing"),
-        (["kp.ab-1.c", "kp.ab-1.c", "kp.ab-1.u.31302e302e302e313a36343433"], "two descriptors"),
+        ([UP], "client socket is missing"),
+        (["kp.ab-1.c", "kp.ab-1.c", UP], "two descriptors"),
         (["kp.ab-1.w", "kp.ab-1.c"], "waiting client with other"),
         (["kp.ab-1.bu"], "client socket is missing"),
     ],
@@ -72,6 +73,7 @@ def test_incomplete_connections_are_rejected_whole(names: list[str], why: str) -
         "kp.ab-1.u.zz",
         "kp.ab-1.u." + b"cp.example.com:6443".hex(),  # not an IP: not an endpoint of ours
         "kp.ab-1.u." + b"10.0.0.1".hex(),  # no port
+        "kp.ab-1.u.0a00000119",  # a byte short
         "kp.ab-1.c.extra",
         "xx.ab-1.c",
     ],
