@@ -178,6 +178,11 @@ async def test_three_restarts_under_load_lose_nothing(tmp_path: Path) -> None:
             asyncio.create_task(stream_client(port, STREAM_SIZE, load), name=f"stream {i}")
             for i in range(STREAMS)
         ]
+        await eventually(
+            lambda: sum(s.verifier.received > 0 for s in load.streams) == STREAMS,
+            20,
+            message="every stream under way",
+        )
         pauses, in_flight = [], []
         for _ in range(RESTARTS):
             in_flight.append(sum(0 < s.verifier.received < STREAM_SIZE for s in load.streams))
