@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from certs import TestPKI
 from clients import addr, metric_sample
 from conftest import StandinFactory
 from daemon_proc import REPO, DaemonProcess, base_config
+from tcpservers import EchoServer
 from util import eventually
 
 from kubeprism import prepare
@@ -121,33 +122,78 @@ def test_check_config_and_run_agree_on_a_non_pem_ca_file(
         assert "Traceback" not in result.stderr
 
 
-async def test_stop_soon_after_a_reload_closes_the_replaced_probe_client(
-    pki: TestPKI, standin_factory: StandinFactory, tmp_path: Path
-) -> None:
-    """Regression: the replaced probe was closed by a call_later lambda that a stop within
-    timeout + 1 s never ran, leaving its HTTP client session open."""
-    a = await standin_factory("A")
-    hc = {"caFile": str(pki.paths.ca), "keepAlive": True}
-    raw = base_config([addr(a)], healthCheck=hc)
-    path = tmp_path / "kubeprism.yaml"
+@contextlib.asynccontextmanager
+async def in_process_daemon(raw: dict[str, Any], path: Path) -> AsyncIterator[Daemon]:
+    """A Daemon running in this process on ``raw`` (written to ``path``), stopped on exit."""
     path.write_text(yaml.safe_dump(raw))
     daemon = Daemon(prepare.load(path), path)
     daemon.bind()
     running = asyncio.create_task(daemon.run(), name="daemon")
     try:
         await eventually(lambda: getattr(daemon, "checker", None) and daemon.pool.healthy_count)
+        yield daemon
+    finally:
+        daemon.request_stop()
+        await asyncio.wait_for(running, 10)
+        gc.unfreeze()  # run() freezes what start-up built; this process goes on testing
+
+
+async def test_stop_soon_after_a_reload_closes_the_replaced_probe_client(
+    pki: TestPKI, standin_factory: StandinFactory, tmp_path: Path
+) -> None:
+    """Regression: the replaced probe was closed by a call_later lambda that a stop within
+    timeout + 1 s never ran, leaving its HTTP client session open."""
+    a = await standin_factory("A")
+    raw = base_config([addr(a)], healthCheck={"caFile": str(pki.paths.ca), "keepAlive": True})
+    path = tmp_path / "kubeprism.yaml"
+    async with in_process_daemon(raw, path) as daemon:
         replaced = daemon.probe
         raw["healthCheck"]["interval"] = "700ms"
         path.write_text(yaml.safe_dump(raw))
         assert await daemon.reload()
         assert daemon.probe is not replaced
-        daemon.request_stop()
-        await asyncio.wait_for(running, 10)
-    finally:
-        if not running.done():
-            daemon.request_stop()
-            daemon.request_stop()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(running, 10)
-        gc.unfreeze()  # run() freezes what start-up built; this process goes on testing
     assert getattr(replaced, "_session", None) is None
+
+
+async def test_an_unexpected_reload_error_is_logged_counted_and_ready_follows(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    notify_socket: tuple[socket.socket, str],
+) -> None:
+    """Anything a reload raises besides ConfigError (a bug: no real input gets there, so
+    preparing is made to raise) is logged with its traceback, counted, and READY=1 follows."""
+    notify, notify_path = notify_socket
+    notify.settimeout(0)
+    async with EchoServer() as echo:
+        raw = base_config([addr(echo)], healthCheck={"type": "tcp"})
+        async with in_process_daemon(raw, tmp_path / "kubeprism.yaml") as daemon:
+            monkeypatch.setenv("NOTIFY_SOCKET", notify_path)
+
+            def broken(_path: object) -> prepare.Prepared:
+                raise RuntimeError("a bug")
+
+            monkeypatch.setattr(prepare, "load", broken)
+            assert not await daemon.reload()
+            sent = [notify.recv(4096).decode() for _ in range(2)]
+            assert [m.split("=")[0] for m in sent] == ["RELOADING", "READY"]
+            text = daemon.metrics.exposition().decode()
+            assert metric_sample(text, "kubeprism_config_reloads_total", result="failure") == 1
+    assert any(r.exc_info and "reload failed unexpectedly" in r.message for r in caplog.records)
+
+
+def test_reload_to_a_short_idle_timeout_closes_idle_connections(tmp_path: Path) -> None:
+    """Regression: the sweeper kept the idleTimeout it started with (3600 s here)."""
+    with socket.create_server(("127.0.0.1", 0)) as upstream:
+        cfg = base_config([f"127.0.0.1:{upstream.getsockname()[1]}"], healthCheck={"type": "tcp"})
+        cfg["idleTimeout"] = "1h"
+        with DaemonProcess(cfg, tmp_path) as daemon:
+            client = socket.create_connection(("127.0.0.1", daemon.port), timeout=5)
+            accepted, _ = upstream.accept()
+            with client, accepted:
+                cfg["idleTimeout"] = "200ms"
+                daemon.config_path.write_text(yaml.safe_dump(cfg))
+                daemon.signal(signal.SIGHUP)
+                assert client.recv(1) == b""  # closed by kubeprism (5 s socket timeout)
+            text = daemon.metrics()
+            assert metric_sample(text, "kubeprism_connections_closed_total", reason="idle") == 1
