@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from kubeprism.atomic import read_limited
 from kubeprism.net import HostPort, ip_or_none
 
 DEFAULT_CONFIG_PATH = "/etc/kubeprism/kubeprism.yaml"
@@ -65,6 +66,11 @@ DEFAULT_PRIORITY = 100
 # validating (and quoting in errors) such a document would hang the daemon, a running
 # one too on SIGHUP.
 MAX_DOCUMENT_VALUES = 100_000
+# A real config is a few KiB; reading more (a wrong path, /dev/zero) only wastes time.
+MAX_CONFIG_BYTES = 256 * 1024
+# Discovered endpoints kept at most: a real control plane has a handful of API servers,
+# and each endpoint costs a probe per interval on every node.
+DEFAULT_MAX_DISCOVERED = 64
 
 HealthType = Literal["https", "tcp"]
 Forwarding = Literal["splice", "copy"]
@@ -154,6 +160,7 @@ class DiscoveryConfig:
     cache_file: str | None = DEFAULT_CACHE_FILE
     filters: tuple[str, ...] = ()
     removal_grace: float = DEFAULT_REMOVAL_GRACE
+    max_endpoints: int = DEFAULT_MAX_DISCOVERED
 
 
 @dataclass(frozen=True, slots=True)
@@ -481,6 +488,7 @@ def _discovery(section: _Section) -> DiscoveryConfig:
         cache_file=section.get("cacheFile", _optional_path, cache_default),
         filters=section.get("filters", _filters, ()),
         removal_grace=section.get("removalGrace", parse_duration, DEFAULT_REMOVAL_GRACE),
+        max_endpoints=section.get("maxEndpoints", _int_in(1, 10_000), DEFAULT_MAX_DISCOVERED),
     )
     section.finish()
     return dc
@@ -530,22 +538,34 @@ def config_from_dict(data: object) -> Config:
     )
     root.finish()
     _check_loopback(cfg)
+    _check_no_self_upstream(cfg)
     return cfg
+
+
+def _check_no_self_upstream(cfg: Config) -> None:
+    own = {*cfg.listen, *([cfg.admin.listen] if cfg.admin.listen else [])}
+    for i, spec in enumerate(cfg.upstreams):
+        if spec.address in own:
+            raise ConfigError(
+                f"upstreams[{i}]",
+                f"{spec.address} is kubeprism's own listen address: every connection "
+                "would loop back into kubeprism",
+            )
 
 
 def load_config(path: str | Path) -> Config:
     """Read and validate a YAML config file."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_limited(path, MAX_CONFIG_BYTES)
     except OSError as exc:
         raise ConfigError(
             "", f"cannot read config file {str(path)!r}: {exc.strerror or exc}"
         ) from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError("", f"config file {str(path)!r} is not UTF-8 text: {exc}") from exc
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=StrictLoader)  # a SafeLoader subclass
         size = _expanded_size(data, {})
+    except DuplicateKeyError as exc:
+        raise ConfigError(exc.key, f"duplicate key in {path} (line {exc.line})") from None
     except (yaml.YAMLError, ValueError) as exc:  # ValueError: 2001-02-30, a 5000-digit number
         raise ConfigError("", f"{path} is not valid YAML: {exc}") from exc
     except RecursionError as exc:
@@ -555,6 +575,40 @@ def load_config(path: str | Path) -> Config:
             "", f"{path} expands to more than {MAX_DOCUMENT_VALUES} values (YAML aliases?)"
         )
     return config_from_dict(data)
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping names the same key twice (YAML says it is an error; PyYAML keeps the last)."""
+
+    def __init__(self, key: str, line: int) -> None:
+        super().__init__(f"duplicate key {key!r} at line {line}")
+        self.key, self.line = key, line
+
+
+class StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys instead of keeping the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise DuplicateKeyError(str(key)[:80], key_node.start_mark.line + 1)
+            if isinstance(key, str | int | float | bool):
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def yaml_error_text(exc: yaml.YAMLError) -> str:
+    """Where a YAML document is broken, without quoting it (it may hold a secret)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "?"
+    problem = str(getattr(exc, "problem", None) or "syntax error")
+    # Problems quote the text they tripped on ('found undefined alias 'tok3n''): drop it.
+    return f"not valid YAML at {where}: " + _QUOTED.sub("'…'", problem)
 
 
 def _expanded_size(data: object, seen: dict[int, int]) -> int:
@@ -630,4 +684,5 @@ def _discovery_dict(dc: DiscoveryConfig) -> dict[str, Any]:
         "cacheFile": dc.cache_file or "",
         "filters": list(dc.filters),
         "removalGrace": _duration_text(dc.removal_grace),
+        "maxEndpoints": dc.max_endpoints,
     }

@@ -92,6 +92,11 @@ def proxy_settings(cfg: Config) -> ProxySettings:
     )
 
 
+def _own(cfg: Config) -> tuple[HostPort, ...]:
+    """kubeprism's own addresses: never an upstream."""
+    return (*cfg.listen, *([cfg.admin.listen] if cfg.admin.listen else []))
+
+
 class Daemon:
     """One running kubeprism: pool, checker, discovery, proxy and admin server."""
 
@@ -162,7 +167,10 @@ class Daemon:
             self.pool, self.probe, hc.interval, self._on_transition, self.metrics.observe_probe
         )
         self.membership = Membership(self.pool, self.checker.sync, self._retire)
-        self.membership.configure(cfg.upstreams, cfg.discovery, self.credentials, cfg.listen[0])
+        self.membership.configure(
+            cfg.upstreams, cfg.discovery, self.credentials, cfg.listen[0], _own(cfg)
+        )
+        self.metrics.guard(self.proxy, self.membership)
         self._was_panic = True
 
     async def run(self) -> None:
@@ -293,7 +301,9 @@ class Daemon:
         self._close_later(self.probe, old.health_check.timeout + 1)
         self.probe = self.checker.probe = prepared.probe
         self.checker.interval = hc.interval
-        self.membership.configure(new.upstreams, new.discovery, prepared.credentials, new.listen[0])
+        self.membership.configure(
+            new.upstreams, new.discovery, prepared.credentials, new.listen[0], _own(new)
+        )
         self.membership.start()
 
     def _close_later(self, probe: HttpsProbe | TcpProbe, delay: float) -> None:
@@ -307,6 +317,7 @@ class Daemon:
         self.proxy.close_connections_to(
             address, CloseReason.REMOVED, "endpoint removed by discovery"
         )
+        self.metrics.forget(address)
 
     def _status_text(self) -> str:
         text = f"{self.pool.healthy_count}/{len(self.pool.endpoints)} endpoints healthy"

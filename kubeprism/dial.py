@@ -120,7 +120,15 @@ class Dial:
             except OSError as exc:
                 self._owner.dial_failed(address, 0.0, exc)
                 continue
-            err = sock.connect_ex((address.host, address.port))
+            except Exception as exc:  # e.g. a bad address family: this candidate, not the rest
+                self._failed(_unusable(address, exc))
+                continue
+            try:
+                err = sock.connect_ex((address.host, address.port))
+            except Exception as exc:  # OverflowError for port 65536, TypeError, ...
+                sock.close()
+                self._failed(_unusable(address, exc))
+                continue
             if err == 0:
                 self._owner.dial_succeeded(self, sock, address, self._clock() - self._started)
                 return
@@ -168,3 +176,8 @@ class Dial:
         if self._sock is not None:
             self._take().close()
         self._next = len(self._candidates)
+
+
+def _unusable(address: HostPort, exc: Exception) -> OSError:
+    """A dial that raised something other than OSError, as the OSError the owner expects."""
+    return OSError(errno.EINVAL, f"cannot dial {address}: {type(exc).__name__}: {exc}")

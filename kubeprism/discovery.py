@@ -18,9 +18,10 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
-from kubeprism.atomic import write_atomically
+from kubeprism.atomic import read_limited, write_atomically
 from kubeprism.config import UpstreamSpec
 from kubeprism.net import HostPort
 from kubeprism.upstream import EndpointSpec, specs_from
@@ -34,6 +35,10 @@ SOURCE_CACHE = "cache"
 CACHE_VERSION = 1
 # Cached endpoints are credentials-free facts, but still nobody else's business.
 CACHE_MODE = 0o600
+# 64 endpoints take ~4 KiB; anything near this is not a file kubeprism wrote.
+MAX_CACHE_BYTES = 1 << 20
+# The longest IPv6 text form is 45 characters; longer is not an address.
+MAX_ADDRESS_TEXT = 64
 
 
 async def system_resolve(host: str, port: int) -> list[str]:
@@ -84,21 +89,129 @@ class StaticDiscovery:
 
 
 class EndpointFilter:
-    """CIDR rules for discovered endpoints: `!` excludes; any include must match if present."""
+    """What discovered and cached endpoints may be: the CIDR rules and the fixed refusals.
 
-    def __init__(self, rules: Iterable[str]) -> None:
+    `!` rules exclude; when any include rule is present one must match. Whatever the
+    rules say, addresses nobody should dial for a node's API traffic are refused: the
+    unspecified, multicast, broadcast/reserved and link-local ones (the cloud metadata
+    service), kubeprism's own listeners, and loopback unless an include rule names a
+    loopback range.
+    """
+
+    def __init__(self, rules: Iterable[str], own: Iterable[HostPort] = ()) -> None:
         self.include: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         self.exclude: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         for rule in rules:
             target = self.exclude if rule.startswith("!") else self.include
             target.append(ipaddress.ip_network(rule.removeprefix("!"), strict=False))
+        self.own = frozenset(own)
+        self._own_ports = {a.port for a in self.own if _is_unspecified(a.host)}
+        self._loopback_rules = [n for n in self.include if _is_loopback_net(n)]
 
     def allows(self, address: HostPort) -> bool:
         """True when discovery may use this endpoint."""
-        ip = ipaddress.ip_address(address.host)
-        if any(ip in net for net in self.exclude):
-            return False
-        return not self.include or any(ip in net for net in self.include)
+        return self.refusal(address) is None
+
+    def refusal(self, address: HostPort) -> str | None:
+        """Why discovery may not use this endpoint, or None when it may."""
+        try:
+            ip = ipaddress.ip_address(address.host)
+        except ValueError:
+            return "not an IP address"
+        if self.is_own(address):
+            return "kubeprism's own listen address"
+        fixed = _fixed_refusal(ip)
+        if fixed is not None:
+            return fixed
+        for net in self.exclude:
+            if ip in net:
+                return f"excluded by filter !{net}"
+        if ip.is_loopback and not any(ip in net for net in self._loopback_rules):
+            return "loopback (allow it with an include filter such as 127.0.0.0/8)"
+        if self.include and not any(ip in net for net in self.include):
+            return "outside every include filter"
+        return None
+
+    def is_own(self, address: HostPort) -> bool:
+        """True for one of kubeprism's own listen addresses (a loop through ourselves)."""
+        if address in self.own:
+            return True
+        # A wildcard listener is reachable on every local address; loopback is the sure case.
+        return address.port in self._own_ports and _is_loopback_host(address.host)
+
+
+def _fixed_refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    if ip.is_unspecified:
+        return "unspecified address"
+    if ip.is_multicast:
+        return "multicast address"
+    if ip.version == 4 and ip.is_reserved:  # 240.0.0.0/4, with the broadcast address
+        return "broadcast or reserved address"
+    if ip.is_link_local:
+        return "link-local address (e.g. the cloud metadata service)"
+    return None
+
+
+def _is_unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def _is_loopback_host(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_loopback_net(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    return net.network_address.is_loopback and net.broadcast_address.is_loopback
+
+
+def parse_endpoint(host: object, port: object) -> HostPort:
+    """A discovered or cached endpoint as data: an IP (IPv4-mapped IPv6 made IPv4) and a port.
+
+    Raises ValueError naming what is wrong, quoting at most a few dozen characters of it.
+    """
+    if not isinstance(host, str) or len(host) > MAX_ADDRESS_TEXT:
+        raise ValueError(f"bad address {host!r:.60}")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"not an IP address: {host!r}") from None
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.scope_id is not None:
+            raise ValueError(f"scoped address {host!r}")
+        ip = ip.ipv4_mapped or ip  # so that IPv4 filters apply to ::ffff:a.b.c.d too
+    # bool is an int in Python: `true` from JSON must not become port 1.
+    if type(port) is not int or not 1 <= port <= 65535:
+        raise ValueError(f"bad port {port!r:.30} for {ip}")
+    return HostPort(str(ip), port)
+
+
+@dataclass(frozen=True)
+class Screened:
+    """Discovered endpoints after the filter and the cap."""
+
+    accepted: list[HostPort]
+    refused: dict[HostPort, str]  # endpoint -> why
+    dropped: list[HostPort]  # allowed, but over the cap
+
+
+def screen(candidates: Iterable[HostPort], allowed: EndpointFilter, cap: int) -> Screened:
+    """Apply the filter, then keep at most ``cap`` endpoints (in address order, so every
+    node keeps the same ones)."""
+    refused: dict[HostPort, str] = {}
+    ok: list[HostPort] = []
+    for address in sorted(set(candidates)):
+        why = allowed.refusal(address)
+        if why is None:
+            ok.append(address)
+        else:
+            refused[address] = why
+    return Screened(ok[:cap], refused, ok[cap:])
 
 
 def merge(
@@ -108,8 +221,13 @@ def merge(
     allowed: EndpointFilter,
     priority: int,
 ) -> dict[HostPort, EndpointSpec]:
-    """Seeds plus the discovered endpoints the filter allows."""
-    entries = [(a, spec.priority, src) for a, spec in seeds.items() for src in spec.sources]
+    """Seeds (except kubeprism's own listeners) plus the discovered endpoints the filter allows."""
+    entries = [
+        (a, spec.priority, src)
+        for a, spec in seeds.items()
+        for src in spec.sources
+        if not allowed.is_own(a)
+    ]
     entries += [(a, priority, source) for a in discovered if allowed.allows(a)]
     return specs_from(entries)
 
@@ -117,14 +235,17 @@ def merge(
 def load_cache(path: str) -> list[HostPort]:
     """Endpoints saved by a previous run; a missing or broken file is only a warning."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        if data.get("version") != CACHE_VERSION:
-            raise ValueError(f"unknown version {data.get('version')!r}")
-        endpoints = [_cached_endpoint(e) for e in data["endpoints"]]
+        data = json.loads(read_limited(path, MAX_CACHE_BYTES))
+        if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
+            raise ValueError("not a version 1 endpoint cache")
+        entries = data["endpoints"]
+        if not isinstance(entries, list):
+            raise ValueError("'endpoints' is not a list")
+        endpoints = [_cached_endpoint(e) for e in entries]
     except FileNotFoundError:
         return []
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        logger.warning("ignoring endpoint cache %s: %s", path, exc)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        logger.warning("ignoring endpoint cache %s: %s", path, str(exc)[:200])
         return []
     logger.info("loaded %d endpoint(s) from cache %s", len(endpoints), path)
     return endpoints
@@ -132,12 +253,8 @@ def load_cache(path: str) -> list[HostPort]:
 
 def _cached_endpoint(entry: object) -> HostPort:
     if not isinstance(entry, dict):
-        raise ValueError(f"bad entry {entry!r}")
-    ip = str(ipaddress.ip_address(entry["host"]))
-    port = entry["port"]
-    if not isinstance(port, int) or not 1 <= port <= 65535:
-        raise ValueError(f"bad port in {entry!r}")
-    return HostPort(ip, port)
+        raise ValueError(f"bad entry {entry!r:.60}")
+    return parse_endpoint(entry.get("host"), entry.get("port"))
 
 
 def save_cache(path: str, endpoints: Iterable[HostPort]) -> None:

@@ -19,7 +19,9 @@ from typing import Any
 
 import yaml
 
+from kubeprism.atomic import read_limited
 from kubeprism.atomic import write_atomically as write_file
+from kubeprism.config import yaml_error_text
 
 DEFAULT_KUBECONFIG = "/etc/kubernetes/kubelet.conf"
 DEFAULT_SERVER = "https://127.0.0.1:7445"
@@ -39,6 +41,8 @@ SECRET_KEYS = frozenset(
     }
 )
 REDACTED = "<redacted>"
+# A kubeconfig with embedded certificates is a few KiB.
+MAX_KUBECONFIG_BYTES = 1 << 20
 
 
 class KubeconfigError(Exception):
@@ -78,7 +82,7 @@ def dump(data: Any) -> str:
 def load(path: Path) -> tuple[str, dict[str, Any]]:
     """Read and check a kubeconfig file; return its text and its parsed mapping."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_limited(path, MAX_KUBECONFIG_BYTES)
     except FileNotFoundError as exc:
         raise KubeconfigError(f"{path}: no such file") from exc
     except OSError as exc:
@@ -88,7 +92,8 @@ def load(path: Path) -> tuple[str, dict[str, Any]]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise KubeconfigError(f"{path}: not valid YAML: {exc}") from exc
+        # Not str(exc): PyYAML quotes the offending line, which may hold a token.
+        raise KubeconfigError(f"{path}: {yaml_error_text(exc)}") from None
     if not isinstance(data, dict):
         raise KubeconfigError(f"{path}: not a kubeconfig (expected a YAML mapping)")
     if data.get("kind", "Config") != "Config":

@@ -13,7 +13,6 @@ import base64
 import json
 import logging
 import os
-import random
 import ssl
 import tempfile
 from collections.abc import Callable, Mapping
@@ -24,10 +23,22 @@ from typing import Any
 import aiohttp
 
 from kubeprism import kubeconfig
+from kubeprism.atomic import read_limited
 from kubeprism.config import ConfigError, KubernetesDiscoveryConfig, file_named_by
 from kubeprism.net import HostPort
+from kubeprism.sliceparse import (
+    MAX_LIST_BYTES,
+    Gone,
+    LineSplitter,
+    SliceSet,
+    WatchError,
+    slice_endpoints,
+)
+from kubeprism.supervise import Backoff, Pacer
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["Credentials", "Gone", "SliceWatcher", "load_credentials", "slice_endpoints"]
 
 SLICES_PATH = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
 SELECTOR = "kubernetes.io/service-name=kubernetes"
@@ -39,11 +50,17 @@ WATCH_SECONDS = 240
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 BACKOFF_JITTER = 0.2
+# A watch that lasted this long was real progress even without a change to report.
+WATCH_PROGRESS_SECONDS = 10.0
+# Hard ceiling on list+watch requests per node, whatever the server answers: with
+# 5,000 nodes, 1/s each is already as much as a large apiserver should see from us.
+MAX_REQUESTS_PER_SECOND = 1.0
+REQUEST_BURST = 3  # a list and its watch at once, and one retry
+LIST_TIMEOUT = 30.0
+READ_CHUNK = 64 * 1024
 _KEY = "discovery.kubernetes"
-
-
-class Gone(Exception):
-    """The resourceVersion is too old (HTTP 410): list again."""
+# A service-account token is ~1 KiB: a file much bigger is not a token.
+MAX_TOKEN_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -59,7 +76,7 @@ class Credentials:
         """Authorization header; a token file is re-read so rotated tokens are picked up."""
         token = self.token
         if self.token_file is not None:
-            token = Path(self.token_file).read_text(encoding="utf-8").strip()
+            token = read_limited(self.token_file, MAX_TOKEN_BYTES).strip()
         return {"Authorization": f"Bearer {token}"} if token else {}
 
 
@@ -119,25 +136,6 @@ def _load_client_cert(ctx: ssl.SSLContext, user: Mapping[str, Any], base: Path) 
         ctx.load_cert_chain(base / user["client-certificate"], base / user["client-key"])
 
 
-def slice_endpoints(slices: Mapping[str, Mapping[str, Any]]) -> set[HostPort]:
-    """Ready addresses with their slice's https port."""
-    found: set[HostPort] = set()
-    for item in slices.values():
-        ports = item.get("ports") or []
-        port = next((p.get("port") for p in ports if p.get("name") == "https"), None)
-        if port is None and ports:
-            port = ports[0].get("port")
-        if not isinstance(port, int):
-            continue
-        for ep in item.get("endpoints") or []:
-            # An unset ready condition means "unknown", which consumers treat as ready.
-            if (ep.get("conditions") or {}).get("ready") is False:
-                continue
-            for address in ep.get("addresses") or []:
-                found.add(HostPort(address, port))
-    return found
-
-
 class SliceWatcher:
     """Keeps the current set of API server endpoints and reports changes, debounced."""
 
@@ -152,103 +150,163 @@ class SliceWatcher:
         self.credentials = credentials
         self.on_update = on_update
         self.debounce = debounce
-        self.slices: dict[str, Mapping[str, Any]] = {}
+        self.state = SliceSet()
         self.lists = 0
+        self.watches = 0
+        self.failures = 0
         self.last_error: str | None = None
+        self.invalid: dict[str, str] = {}  # entries of the slices that are no endpoint
         self._pending: asyncio.TimerHandle | None = None
+        self._target: set[HostPort] | None = None  # what the pending timer will apply
         self._applied: set[HostPort] | None = None
+        self._pace = Pacer(MAX_REQUESTS_PER_SECOND, REQUEST_BURST)
+        self._bad_logged = 0
+        self._episode = 0  # failure count when the current episode began; 0: none
+
+    @property
+    def slices(self) -> dict[str, Mapping[str, Any]]:
+        """The slices currently known, by name."""
+        return self.state.slices
 
     async def run(self) -> None:
-        """List, then watch from the list's resourceVersion, forever; back off on errors."""
-        backoff = BACKOFF_FIRST
+        """List, then watch from the list's resourceVersion, forever; back off on errors.
+
+        Only progress resets the backoff (a watch that delivered a change or lived for
+        WATCH_PROGRESS_SECONDS): a list that works followed by a watch that fails at once,
+        or a 410 on every watch, must not turn into a request loop.
+        """
+        backoff = Backoff(BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_JITTER)
         connector = aiohttp.TCPConnector(ssl=self.credentials.ssl)
         async with aiohttp.ClientSession(connector=connector) as session:
             while True:
                 try:
                     version = await self._list(session)
-                    backoff = BACKOFF_FIRST
                     while True:
-                        version = await self._watch(session, version)
+                        version = await self._watch_once(session, version, backoff)
                 except Gone:
-                    logger.info("EndpointSlice watch expired (410 Gone); listing again")
-                except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-                    self._failed(exc)
-                    await asyncio.sleep(backoff * (1 + BACKOFF_JITTER * (2 * random.random() - 1)))
-                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    self._failed("the watch expired (410 Gone)")
+                except _EXPECTED as exc:
+                    self._failed(f"{type(exc).__name__}: {str(exc)[:300]}")
+                await asyncio.sleep(backoff.next())
 
-    def _failed(self, exc: BaseException) -> None:
-        reason = f"{type(exc).__name__}: {exc}"
-        if reason != self.last_error:
-            logger.warning("EndpointSlice discovery failed: %s (retrying with backoff)", reason)
+    async def _watch_once(
+        self, session: aiohttp.ClientSession, version: str, backoff: Backoff
+    ) -> str:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        version, events = await self._watch(session, version)
+        self._log_bad_objects()
+        if events or loop.time() - started >= WATCH_PROGRESS_SECONDS:
+            backoff.reset()
+            self._recovered()
+            return version
+        # Ended at once without a change: as good as an error, or it becomes a loop.
+        raise WatchError("the watch ended without delivering anything")
+
+    def _failed(self, reason: str) -> None:
+        self.failures += 1
         self.last_error = reason
+        if not self._episode:  # one line per episode, not one per attempt
+            self._episode = self.failures
+            logger.warning("EndpointSlice discovery failed: %s (retrying with backoff)", reason)
 
-    def _get(self, session: aiohttp.ClientSession, params: dict[str, str]) -> Any:
+    def _recovered(self) -> None:
+        if self._episode:
+            failed = self.failures - self._episode + 1
+            logger.info("EndpointSlice discovery recovered after %d failed attempt(s)", failed)
+            self._episode = 0
+
+    def _log_bad_objects(self) -> None:
+        if self.state.bad_objects != self._bad_logged:
+            logger.warning(
+                "skipped %d malformed EndpointSlice object(s), e.g. %s",
+                self.state.bad_objects - self._bad_logged,
+                self.state.last_problem,
+            )
+            self._bad_logged = self.state.bad_objects
+
+    def _get(
+        self, session: aiohttp.ClientSession, params: dict[str, str], total: float | None
+    ) -> Any:
         return session.get(
             self.base_url + SLICES_PATH,
             params={"labelSelector": SELECTOR, **params},
             headers=self.credentials.headers(),
             server_hostname=self.credentials.server_name,
-            timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_read=WATCH_SECONDS + 30),
+            timeout=aiohttp.ClientTimeout(total=total, connect=10, sock_read=WATCH_SECONDS + 30),
         )
 
     async def _list(self, session: aiohttp.ClientSession) -> str:
-        async with self._get(session, {}) as resp:
-            _check(resp)
-            body = await resp.json()
-        self.slices = {item["metadata"]["name"]: item for item in body.get("items") or []}
+        await self._pace.wait()
         self.lists += 1
-        if self.last_error is not None:
-            logger.info("EndpointSlice discovery recovered")
-            self.last_error = None
+        async with self._get(session, {}, LIST_TIMEOUT) as resp:
+            _check(resp)
+            body = await _read_limited(resp, MAX_LIST_BYTES)
+        version = self.state.replace(json.loads(body))
+        self.last_error = None  # the API answers; the episode ends only with progress
+        self._log_bad_objects()
         self._changed()
-        return str(body["metadata"]["resourceVersion"])
+        return version
 
-    async def _watch(self, session: aiohttp.ClientSession, version: str) -> str:
+    async def _watch(self, session: aiohttp.ClientSession, version: str) -> tuple[str, int]:
+        """One watch request until the server ends it; (last version, changes applied)."""
         params = {
             "watch": "1",
             "resourceVersion": version,
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(WATCH_SECONDS),
         }
-        async with self._get(session, params) as resp:
+        await self._pace.wait()
+        self.watches += 1
+        changes = 0
+        splitter = LineSplitter()
+        async with self._get(session, params, None) as resp:
             _check(resp)
-            async for line in resp.content:
-                if line.strip():
-                    version = self._event(line) or version
-        return version
-
-    def _event(self, line: bytes) -> str | None:
-        event = _json(line)
-        kind, obj = event.get("type"), event.get("object") or {}
-        if kind == "ERROR":
-            if obj.get("code") == 410:
-                raise Gone()
-            raise ValueError(f"watch error: {obj.get('message', obj)}")
-        meta = obj.get("metadata") or {}
-        if kind in ("ADDED", "MODIFIED"):
-            self.slices[meta["name"]] = obj
-            self._changed()
-        elif kind == "DELETED":
-            self.slices.pop(str(meta.get("name")), None)
-            self._changed()
-        return meta.get("resourceVersion")
+            async for chunk in resp.content.iter_chunked(READ_CHUNK):
+                for line in splitter.feed(chunk):
+                    changed, new_version = self.state.event(line)
+                    version = new_version or version
+                    if changed:
+                        changes += 1
+                        self._changed()
+        return version, changes
 
     def _changed(self) -> None:
-        """Apply after `debounce` of quiet: restarts flap the slice within seconds."""
+        """Apply after `debounce` of quiet: restarts flap the slice within seconds.
+
+        A list or event that leaves the endpoint set as it is does not restart the wait,
+        or a server re-sending the same list every second would keep anything from
+        ever being applied.
+        """
+        endpoints, invalid = self.state.endpoints()
+        if invalid != self.invalid:
+            if invalid:
+                logger.warning(
+                    "ignoring %d EndpointSlice address(es) that are no endpoint: %s",
+                    len(invalid),
+                    "; ".join(f"{k}: {v}" for k, v in sorted(invalid.items())[:5]),
+                )
+            self.invalid = invalid
+        pending = self._pending is not None
+        if endpoints == (self._target if pending else self._applied):
+            return
         if self._pending is not None:
             self._pending.cancel()
-        loop = asyncio.get_running_loop()
-        self._pending = loop.call_later(self.debounce, self._apply)
+        self._target = endpoints
+        self._pending = asyncio.get_running_loop().call_later(self.debounce, self._apply)
 
     def _apply(self) -> None:
         self._pending = None
-        endpoints = slice_endpoints(self.slices)
+        endpoints, self._target = self._target or set(), None
         if not endpoints:
             logger.warning("EndpointSlices list no ready API server; keeping the current set")
             return
         if endpoints != self._applied:
             self._applied = endpoints
-            self.on_update(endpoints)
+            try:
+                self.on_update(endpoints)
+            except Exception:  # a timer callback: nobody else would see it
+                logger.exception("applying the discovered endpoints failed")
 
     def close(self) -> None:
         """Drop a pending debounced update."""
@@ -257,15 +315,33 @@ class SliceWatcher:
             self._pending = None
 
 
+async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, refused (ValueError) as soon as it passes ``limit`` bytes."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise ValueError(f"list response of {resp.content_length} bytes (limit {limit})")
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(READ_CHUNK):
+        body += chunk
+        if len(body) > limit:
+            raise ValueError(f"list response larger than {limit} bytes")
+    return bytes(body)
+
+
+# What a broken or hostile API server (or a proxy in front of it) can make a request end
+# with; anything else is a bug, left to the task supervisor.
+_EXPECTED = (
+    aiohttp.ClientError,
+    OSError,
+    TimeoutError,
+    ValueError,
+    UnicodeError,
+    RecursionError,
+    WatchError,
+)
+
+
 def _check(resp: aiohttp.ClientResponse) -> None:
     if resp.status == 410:
         raise Gone()
     if resp.status != 200:
         raise ValueError(f"HTTP {resp.status} from {resp.url.path}")
-
-
-def _json(line: bytes) -> dict[str, Any]:
-    value = json.loads(line)
-    if not isinstance(value, dict):
-        raise ValueError("watch event is not an object")
-    return value

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 from kubeprism.config import DEFAULT_PRIORITY, DiscoveryConfig, UpstreamSpec
@@ -17,13 +17,16 @@ from kubeprism.discovery import (
     SOURCE_CACHE,
     SOURCE_KUBERNETES,
     EndpointFilter,
+    Screened,
     StaticDiscovery,
     load_cache,
     merge,
     save_cache,
+    screen,
 )
 from kubeprism.kubewatch import Credentials, SliceWatcher
 from kubeprism.net import HostPort
+from kubeprism.supervise import supervised
 from kubeprism.upstream import EndpointSpec, Pool
 
 logger = logging.getLogger(__name__)
@@ -53,6 +56,7 @@ class Membership:
         self._dns_task: asyncio.Task[None] | None = None
         self._removals: dict[HostPort, asyncio.TimerHandle] = {}
         self._stopped: set[asyncio.Task[None]] = set()
+        self.screened = Screened([], {}, [])  # what the filter and the cap made of discovery
 
     def configure(
         self,
@@ -60,11 +64,15 @@ class Membership:
         dc: DiscoveryConfig,
         credentials: Credentials | None,
         watch_target: HostPort,
+        own: tuple[HostPort, ...] = (),
     ) -> None:
-        """Apply (new) settings; the watch restarts only if its own settings changed."""
+        """Apply (new) settings; the watch restarts only if its own settings changed.
+
+        ``own`` are kubeprism's listen addresses: never an endpoint, whoever names them.
+        """
         first = self._watch_key is None
         self._static = StaticDiscovery(upstreams)
-        self._filter = EndpointFilter(dc.filters)
+        self._filter = EndpointFilter(dc.filters, own or (watch_target,))
         self._dc = dc
         # The cache stands in for the watch until it answers; without the watch nothing
         # would ever replace it, and a stale file would add endpoints for good.
@@ -79,13 +87,18 @@ class Membership:
                     watch_target, credentials, self._on_slices, dc.kubernetes.debounce
                 )
 
+    @property
+    def watcher(self) -> SliceWatcher | None:
+        """The EndpointSlice watcher, if Kubernetes discovery is on."""
+        return self._watcher
+
     def start(self) -> None:
         """Start the DNS refresh loop and the EndpointSlice watch (if enabled)."""
         if self._dns_task is None:
-            self._dns_task = _task(self._dns_loop(), "dns refresh")
+            self._dns_task = supervised("dns refresh", self._dns_loop)
         if self._watcher is not None and self._watch_task is None:
             # Through our own listener: discovery works whenever any upstream works.
-            self._watch_task = _task(self._watcher.run(), "endpointslice watch")
+            self._watch_task = supervised("endpointslice watch", self._watcher.run)
 
     async def refresh(self) -> None:
         """Resolve the configured names now and apply the result."""
@@ -101,13 +114,14 @@ class Membership:
         logger.info(
             "EndpointSlices list %d API server(s): %s",
             len(endpoints),
-            ", ".join(str(a) for a in sorted(endpoints)),
+            ", ".join(str(a) for a in sorted(endpoints)[:20]),
         )
         self.discovered = endpoints
         self.reconcile()
         if self._dc.cache_file:
             try:
-                save_cache(self._dc.cache_file, endpoints)
+                # Only what passed the filter and the cap: the cache must not outlive a rule.
+                save_cache(self._dc.cache_file, self.screened.accepted)
             except OSError as exc:
                 logger.warning("cannot write endpoint cache %s: %s", self._dc.cache_file, exc)
 
@@ -117,13 +131,35 @@ class Membership:
             extra, source = self.discovered, SOURCE_KUBERNETES
         else:
             extra, source = set(self.cached), SOURCE_CACHE
-        desired = merge(self.seeds, extra, source, self._filter, DEFAULT_PRIORITY)
+        self._screen(extra, source)
+        desired = merge(self.seeds, self.screened.accepted, source, self._filter, DEFAULT_PRIORITY)
         if not desired:
             logger.warning("no endpoint known (every name failed to resolve); keeping the set")
             return
         for ep in self.pool.reconcile(desired):
             self._schedule_retire(ep.address)
         self._on_changed()
+
+    def _screen(self, extra: set[HostPort], source: str) -> None:
+        """Filter and cap; log what is refused or dropped once per change, not per pass."""
+        old, new = self.screened, screen(extra, self._filter, self._dc.max_endpoints)
+        self.screened = new
+        if new.refused and new.refused != old.refused:
+            logger.warning(
+                "refusing %d %s endpoint(s): %s",
+                len(new.refused),
+                source,
+                "; ".join(f"{a}: {why}" for a, why in sorted(new.refused.items())[:10]),
+            )
+        if new.dropped and new.dropped != old.dropped:
+            logger.warning(
+                "%s names %d usable endpoints; using the first %d (discovery.maxEndpoints), "
+                "ignoring %d",
+                source,
+                len(new.accepted) + len(new.dropped),
+                len(new.accepted),
+                len(new.dropped),
+            )
 
     def _schedule_retire(self, address: HostPort) -> None:
         grace = self._dc.removal_grace
@@ -160,7 +196,3 @@ class Membership:
             self._dns_task.cancel()
             self._dns_task = None
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _task(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-    return asyncio.get_running_loop().create_task(coro, name=name)

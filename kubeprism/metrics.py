@@ -31,8 +31,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from kubeprism import __version__
+from kubeprism.membership import Membership
 from kubeprism.net import HostPort
 from kubeprism.proxy import Proxy
+from kubeprism.supervise import SUPERVISOR
 from kubeprism.upstream import Endpoint, Health, Pool
 
 # Dial and probe latencies from loopback (~100 us) to another continent (~300 ms) and
@@ -102,6 +104,15 @@ class Metrics:
         """Expose the pool's and the proxy's state, read at scrape time."""
         self.registry.register(StateCollector(pool, proxy))
 
+    def guard(self, proxy: Proxy, membership: Membership) -> None:
+        """Expose restarts, internal errors and refused discovery input."""
+        self.registry.register(GuardCollector(proxy, membership))
+
+    def forget(self, address: HostPort) -> None:
+        """An endpoint left the pool: drop its dial and probe series."""
+        self.dials.forget(address)
+        self.probes.forget(address)
+
     def reloaded(self, ok: bool) -> None:
         """Count one reload attempt."""
         self.reloads.labels(Result.of(ok).value).inc()
@@ -145,6 +156,11 @@ class HistogramCollector(Collector):
             buckets = self._by_key[(address, result)] = _Buckets()
         buckets.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         buckets.sum += seconds
+
+    def forget(self, address: HostPort) -> None:
+        """Drop an endpoint's series (it left the pool): /metrics must not grow with churn."""
+        for ok in (False, True):
+            self._by_key.pop((address, ok), None)
 
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=["endpoint", "result"])
@@ -281,6 +297,60 @@ class StateCollector(Collector):
             "kubeprism_splice_fallbacks",
             "Connection directions that fell back from splice to copying.",
             value=self.proxy.pumps.fallbacks,
+        )
+
+
+class GuardCollector(Collector):
+    """What kubeprism refused or survived: task restarts, internal errors, bad discovery
+    input. Read at scrape time from the supervisor, the proxy and the membership."""
+
+    def __init__(self, proxy: Proxy, membership: Membership) -> None:
+        self.proxy = proxy
+        self.membership = membership
+
+    def collect(self) -> Iterator[Metric]:
+        restarts = CounterMetricFamily(
+            "kubeprism_task_restarts",
+            "Background tasks restarted after an unexpected error.",
+            labels=["task"],
+        )
+        for name, count in sorted(SUPERVISOR.restarts.items()):
+            restarts.add_metric([name], count)
+        yield restarts
+        yield CounterMetricFamily(
+            "kubeprism_internal_errors",
+            "Unexpected errors in the data path (each closed one client connection).",
+            value=self.proxy.stats.internal_errors,
+        )
+        screened = self.membership.screened
+        refused = GaugeMetricFamily(
+            "kubeprism_discovery_refused_endpoints",
+            "Discovered or cached endpoints currently refused, by reason.",
+            labels=["reason"],
+        )
+        watcher = self.membership.watcher
+        invalid = len(watcher.invalid) if watcher is not None else 0
+        refused.add_metric(["invalid"], invalid)
+        refused.add_metric(["filtered"], len(screened.refused))
+        refused.add_metric(["over_limit"], len(screened.dropped))
+        yield refused
+        requests = CounterMetricFamily(
+            "kubeprism_discovery_requests",
+            "EndpointSlice list and watch requests sent.",
+            labels=["kind"],
+        )
+        requests.add_metric(["list"], watcher.lists if watcher else 0)
+        requests.add_metric(["watch"], watcher.watches if watcher else 0)
+        yield requests
+        yield CounterMetricFamily(
+            "kubeprism_discovery_failures",
+            "EndpointSlice list/watch attempts that failed (each followed by a backoff).",
+            value=watcher.failures if watcher else 0,
+        )
+        yield CounterMetricFamily(
+            "kubeprism_discovery_malformed_objects",
+            "EndpointSlice list items and watch events skipped as malformed.",
+            value=watcher.state.bad_objects if watcher else 0,
         )
 
 

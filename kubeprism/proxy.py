@@ -35,6 +35,9 @@ ACCEPT_BATCH = 64
 ACCEPT_BACKOFF = 0.1
 # Shortest pause between idle sweeps, however short idleTimeout is.
 MIN_SWEEP_PERIOD = 0.05
+# After an unexpected error in the data path, further ones are only counted for this
+# long: a traceback per connection would flood the journal.
+INTERNAL_ERROR_QUIET = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,7 @@ class ProxyStats:
     dial_failures: int = 0
     local_dial_errors: int = 0
     adopted: int = 0  # connections taken over from the previous process
+    internal_errors: int = 0
     upstream_bytes: ByteCounter = field(default_factory=ByteCounter)  # client -> upstream
     client_bytes: ByteCounter = field(default_factory=ByteCounter)  # upstream -> client
 
@@ -101,6 +105,7 @@ class Proxy:
         self._dial_options = _dial_options(settings)
         self._local_trouble = False
         self._accept_trouble = False
+        self._internal_trouble = False
         self._sweep_timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._drained = asyncio.Event()
@@ -185,13 +190,25 @@ class Proxy:
             set_linger_rst(client)
             client.close()
             return
-        # TCP_NODELAY comes from the listener: Linux copies it to accepted sockets.
-        client.setblocking(False)
         self._drained.clear()
-        candidates = [ep.address for ep in self.pool.candidates()]
-        dial = Dial(self.loop, self, self._dial_options, self._clock, client, candidates)
-        self._dialing.add(dial)
-        dial.start()
+        dial: Dial | None = None
+        try:
+            # TCP_NODELAY comes from the listener: Linux copies it to accepted sockets.
+            client.setblocking(False)
+            candidates = [ep.address for ep in self.pool.candidates()]
+            dial = Dial(self.loop, self, self._dial_options, self._clock, client, candidates)
+            self._dialing.add(dial)
+            dial.start()
+        except Exception:
+            # Whatever went wrong, the client is closed and its slot given back; a dial
+            # that already finished (forwarding or exhausted) owns its client instead.
+            if dial is None or dial in self._dialing:
+                if dial is not None:
+                    self._dialing.discard(dial)
+                    dial.cancel()
+                client.close()
+                self._check_drained()
+            self._unexpected("accepting a connection")
 
     # ------------------------------------------------------------ dialing
 
@@ -204,7 +221,13 @@ class Proxy:
             self._local_trouble = False
             logger.info("dialing works again")
         self.observe_dial(address, seconds, True)
-        self._start(dial.client, upstream, address)
+        try:
+            self._start(dial.client, upstream, address)
+        except Exception:
+            dial.client.close()
+            upstream.close()
+            self._check_drained()
+            self._unexpected(f"starting to forward to {address}")
 
     def dial_failed(self, address: HostPort, seconds: float, exc: OSError) -> None:
         """One candidate failed: the passive health check, unless it was our own fault."""
@@ -233,6 +256,17 @@ class Proxy:
         dial.client.close()
         self._check_drained()
 
+    def _unexpected(self, what: str) -> None:
+        """A bug or a hostile input in the data path: counted, logged once per episode."""
+        self.stats.internal_errors += 1
+        if not self._internal_trouble:
+            self._internal_trouble = True
+            logger.exception("unexpected error %s; the client was closed", what)
+            self.loop.call_later(INTERNAL_ERROR_QUIET, self._internal_quiet)
+
+    def _internal_quiet(self) -> None:
+        self._internal_trouble = False
+
     # ------------------------------------------------------------ connections
 
     def _start(
@@ -242,11 +276,15 @@ class Proxy:
         address: HostPort,
         frozen: Frozen | None = None,
     ) -> None:
+        conn = Connection(self._conn_ctx, client, upstream, address)  # raising: caller closes
         self.stats.forwarded += frozen is None
         self.pool.opened(address)
-        conn = Connection(self._conn_ctx, client, upstream, address)
         self._by_endpoint.setdefault(address, set()).add(conn)
-        conn.start(frozen)
+        try:
+            conn.start(frozen)
+        except Exception:
+            conn.close()
+            self._unexpected(f"forwarding to {address}")
 
     def _forget(self, conn: Connection) -> None:
         """Called once by Connection.close()."""

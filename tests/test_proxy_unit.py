@@ -530,3 +530,54 @@ async def test_a_shorter_idle_timeout_applies_at_once_on_update() -> None:
         rig.proxy.update(dataclasses.replace(SETTINGS, idle_timeout=0.2))
         await client.wait_closed_by_peer(timeout=5)
         assert rig.proxy.stats.closed[CloseReason.IDLE] == 1
+
+
+@on_uvloop
+async def test_a_dial_raising_a_non_oserror_closes_the_client_and_frees_its_slot() -> None:
+    """Port 65536 makes connect() raise OverflowError: each client is closed, no fd or slot
+    is kept, and a valid endpoint after it still serves."""
+    bad = HostPort("127.0.0.1", 65536)
+    async with NamedEcho("A") as a:
+        fds_before = open_fds()
+        async with serving(healthy_pool(bad), max_connections=5) as rig:
+            for _ in range(20):  # 4x max_connections: a leaked slot would refuse the last ones
+                client = await rig.connect(greet=False)
+                await client.wait_closed_by_peer()
+                client.sock.close()
+            await eventually(lambda: rig.proxy.active == 0)
+            stats = rig.proxy.stats
+            assert (stats.no_upstream, stats.rejected, stats.forwarded) == (20, 0, 0)
+            assert stats.dial_failures == 20
+            rig.pool.reconcile(specs(bad, a.address))
+            rig.pool.record_probe(a.address, True, 0.0005, "ok", 0.0)
+            good = await rig.connect()
+            assert good.upstream == "A"
+            good.sock.close()
+            await eventually(lambda: rig.proxy.active == 0)
+            rig.clients.clear()
+        assert open_fds() == fds_before
+
+
+@on_uvloop
+async def test_an_unexpected_error_while_admitting_closes_the_client(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug anywhere between accept and dial: the client is closed, the slot given back,
+    one traceback logged for the episode, the rest counted."""
+
+    class BrokenPool(Pool):
+        def candidates(self) -> Any:
+            raise RuntimeError("injected")
+
+    async with NamedEcho("A") as a:
+        pool = BrokenPool(healthy_threshold=1, unhealthy_threshold=2)
+        pool.reconcile(specs(a.address))
+        async with serving(pool, max_connections=2) as rig:
+            for _ in range(5):
+                client = await rig.connect(greet=False)
+                await client.wait_closed_by_peer()
+            await eventually(lambda: rig.proxy.active == 0)
+            assert rig.proxy.stats.internal_errors == 5
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1
+    assert "unexpected error accepting a connection" in tracebacks[0].getMessage()

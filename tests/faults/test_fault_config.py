@@ -45,7 +45,14 @@ KEYS = {
     ],
     "tcpKeepalive": ["idle", "interval", "count"],
     "admin": ["listen"],
-    "discovery": ["dnsRefresh", "kubernetes", "cacheFile", "filters", "removalGrace"],
+    "discovery": [
+        "dnsRefresh",
+        "kubernetes",
+        "cacheFile",
+        "filters",
+        "removalGrace",
+        "maxEndpoints",
+    ],
     "kubernetes": ["enabled", "kubeconfig", "tokenFile", "caFile", "serverName", "debounce"],
 }
 SCALAR_TEXT = [
