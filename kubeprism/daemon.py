@@ -26,7 +26,7 @@ from kubeprism.connection import CloseReason, Frozen
 from kubeprism.health import HealthChecker, HttpsProbe, TcpProbe
 from kubeprism.logs import set_level
 from kubeprism.membership import Membership
-from kubeprism.metrics import Metrics, admin_app
+from kubeprism.metrics import AdminSite, Metrics, admin_app, admin_runner
 from kubeprism.net import HostPort
 from kubeprism.prepare import Prepared
 from kubeprism.proxy import Proxy, ProxySettings
@@ -181,7 +181,7 @@ class Daemon:
             loop.add_signal_handler(sig, self.request_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         loop.add_signal_handler(signal.SIGUSR2, self.request_reexec)
-        runner = web.AppRunner(admin_app(self.pool, self.metrics), access_log=None)
+        runner = admin_runner(admin_app(self.pool, self.metrics))
         await runner.setup()
         try:
             await self._serve(runner)
@@ -195,7 +195,7 @@ class Daemon:
         await self.membership.refresh()
         self._take_over()
         if self.admin_socket is not None:
-            await web.SockSite(runner, self.admin_socket).start()
+            await AdminSite(runner, self.admin_socket).start()
         self.proxy.serve(self.listeners)
         self.membership.start()
         complete = await self.checker.first_pass(FIRST_PASS_TIMEOUT)

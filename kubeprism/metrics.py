@@ -7,6 +7,7 @@ path never calls into the metrics library and nothing is mirrored.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import enum
 import itertools
@@ -55,6 +56,13 @@ LATENCY_BUCKETS = (
     2.5,
     5,
 )
+# The admin port serves a scraper, `kubeprism status` and probes: a few connections.
+# More (200 idle ones took every fd under a low limit) are closed on arrival, so the
+# admin port can never take the descriptors the proxied connections need.
+ADMIN_MAX_CONNECTIONS = 32
+# A connection that has not sent a complete request (or idles between requests) for
+# this long is closed; aiohttp's default is an hour.
+ADMIN_IDLE_TIMEOUT = 5.0
 
 
 class Result(enum.Enum):
@@ -159,8 +167,8 @@ class HistogramCollector(Collector):
 
     def forget(self, address: HostPort) -> None:
         """Drop an endpoint's series (it left the pool): /metrics must not grow with churn."""
-        for ok in (False, True):
-            self._by_key.pop((address, ok), None)
+        for result in Result:
+            self._by_key.pop((address, result), None)
 
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=["endpoint", "result"])
@@ -401,3 +409,32 @@ def admin_app(pool: Pool, metrics: Metrics) -> web.Application:
     app.router.add_get("/readyz", handle_readyz)
     app.router.add_get("/upstreams", handle_upstreams)
     return app
+
+
+class AdminSite(web.SockSite):
+    """The admin listener, closing connections beyond ADMIN_MAX_CONNECTIONS on arrival."""
+
+    async def start(self) -> None:
+        """Like SockSite.start, with the cap in front of aiohttp's protocol factory."""
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+
+        def protocol() -> asyncio.BaseProtocol:
+            if len(server.connections) >= ADMIN_MAX_CONNECTIONS:
+                return _Refused()
+            return server()
+
+        self._server = await asyncio.get_running_loop().create_server(
+            protocol, sock=self._sock, backlog=self._backlog
+        )
+
+
+def admin_runner(app: web.Application) -> web.AppRunner:
+    """A runner for the admin app with short timeouts for idle and incomplete requests."""
+    return web.AppRunner(app, access_log=None, keepalive_timeout=ADMIN_IDLE_TIMEOUT)
+
+
+class _Refused(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()  # type: ignore[attr-defined]
