@@ -95,6 +95,8 @@ def file_named_by(key: str, path: str | os.PathLike[str] | None) -> Iterator[Non
         yield
     except (OSError, ValueError, yaml.YAMLError) as exc:
         detail = (exc.strerror if isinstance(exc, OSError) else None) or exc
+        if isinstance(exc, yaml.YAMLError):  # PyYAML quotes the line: it may be a secret
+            detail = yaml_error_text(exc)
         raise ConfigError(key, f"cannot use {path}: {detail}") from exc
 
 
