@@ -20,7 +20,8 @@ from tcpservers import READ_SIZE, _TCPServer
 PING = b"pingpong"
 # Fresh request cadence (the issue's "a fresh request every 100 ms").
 REQUEST_INTERVAL = 0.1
-REQUEST_TIMEOUT = 5.0
+# A request that waits out a restart is not a failure; clients wait far longer (kubectl: 32 s).
+REQUEST_TIMEOUT = 20.0
 PING_INTERVAL = 0.01
 
 
@@ -86,6 +87,7 @@ class Load:
     held_lost: list[str] = field(default_factory=list)
     pings: list[tuple[float, float]] = field(default_factory=list)  # (sent at, round trip)
     requests: list[tuple[float, float, bool]] = field(default_factory=list)  # (t0, dt, ok)
+    request_errors: list[str] = field(default_factory=list)
 
     def pause_around(self, t0: float, t1: float) -> float:
         """Longest ping round trip among pings sent in [t0, t1] (the forwarding pause)."""
@@ -173,9 +175,12 @@ async def requester(port: int, load: Load, stop: asyncio.Event) -> None:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
                 writer.write(b"R\n")
-                ok = await reader.read() == b"OK\n"
-        except (OSError, TimeoutError):
-            ok = False
+                reply = await reader.read()
+                ok = reply == b"OK\n"
+                if not ok:
+                    load.request_errors.append(f"t={t0:.3f}: reply {reply!r}")
+        except (OSError, TimeoutError) as exc:
+            load.request_errors.append(f"t={t0:.3f}: {exc!r} after {time.monotonic() - t0:.3f} s")
         finally:
             if writer is not None:
                 writer.close()

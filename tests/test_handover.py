@@ -200,7 +200,7 @@ async def test_three_restarts_under_load_lose_nothing(tmp_path: Path) -> None:
     bad = [s for s in load.streams if not (s.verifier.complete and s.sha_ok and not s.error)]
     assert bad == [], [(s.verifier.describe(), s.error) for s in bad]
     assert [v.complete for v in upstream.streams] == [True] * STREAMS
-    assert load.failed_requests == 0
+    assert load.failed_requests == 0, load.request_errors
     # The last process took over everything still open: the held ones and the pinger at least.
     assert metric_sample(metrics, "kubeprism_connections_adopted_total") >= HELD + 1
     assert len(pauses) == RESTARTS and min(in_flight) > 0  # each restart hit live streams
