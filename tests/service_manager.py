@@ -10,17 +10,26 @@ does on `systemctl restart`. `flush()` is what `systemctl stop` does to the stor
 from __future__ import annotations
 
 import array
+import asyncio
 import os
+import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
+from typing import Any
+
+from daemon_proc import DaemonProcess
+from netns import NetNS
 
 HERE = Path(__file__).resolve().parent
 ACTIVATION = str(HERE / "socket_activation.py")
 # One datagram carries at most SCM_MAX_FD (253) descriptors.
 _MAX_FDS = 253
 _RECV_TIMEOUT = 0.05
+# 2 descriptors a connection, room for undelivered bytes and the listeners (200 connections).
+STORE_CAPACITY = 4 * 200 + 16
 
 
 class ServiceManager:
@@ -127,6 +136,71 @@ class ServiceManager:
             for fd, _ in [e for e in self.store if e[1] == name]:
                 os.close(fd)
             self.store = [e for e in self.store if e[1] != name]
+
+
+class Service:
+    """kubeprism under the stand-in manager: start, restart (SIGTERM + start), stop."""
+
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        workdir: Path,
+        capacity: int = STORE_CAPACITY,
+        netns: NetNS | None = None,
+    ) -> None:
+        self.cfg, self.workdir, self.netns = cfg, workdir, netns
+        self.manager = ServiceManager(workdir, capacity)
+        self.daemon: DaemonProcess | None = None
+        self.generations: list[DaemonProcess] = []
+
+    def start(self) -> DaemonProcess:
+        """Start the next process with whatever the store holds; wait until it serves."""
+        wrap, fds = self.manager.launch()
+        daemon = DaemonProcess(
+            self.cfg,
+            self.workdir,
+            netns=self.netns,
+            env=self.manager.env(),
+            wrap=wrap,
+            pass_fds=fds,
+        )
+        self.generations.append(daemon)
+        self.daemon = daemon.start()
+        return daemon
+
+    def terminate(self) -> int:
+        """SIGTERM (what systemctl restart and stop send) and wait for the exit."""
+        assert self.daemon is not None
+        self.daemon.signal(signal.SIGTERM)
+        code = self.daemon.wait_exit(10)
+        self.manager.drain()
+        return code
+
+    def restart(self) -> float:
+        """systemctl restart; return the seconds from SIGTERM until the new one serves."""
+        started = time.monotonic()
+        assert self.terminate() == 0
+        self.start()
+        return time.monotonic() - started
+
+    async def astart(self) -> DaemonProcess:
+        """start() off the event loop (in-process upstreams keep answering)."""
+        return await asyncio.to_thread(self.start)
+
+    async def aterminate(self) -> int:
+        """terminate() off the event loop."""
+        return await asyncio.to_thread(self.terminate)
+
+    async def arestart(self) -> float:
+        """restart() off the event loop."""
+        return await asyncio.to_thread(self.restart)
+
+    def close(self) -> None:
+        """Stop whatever still runs and close the store."""
+        for daemon in self.generations:
+            if daemon.proc is not None and daemon.proc.poll() is None:
+                daemon.stop()
+        self.manager.close()
 
 
 def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:

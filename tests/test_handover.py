@@ -25,7 +25,7 @@ from clients import metric_sample
 from conftest import StandinFactory
 from daemon_proc import DaemonProcess, base_config
 from restart_load import Load, LoadServer, check_held, open_held, pinger, requester, stream_client
-from service_manager import ServiceManager
+from service_manager import Service
 from util import eventually, kubectl_argv, kubectl_env
 
 from kubeprism import handover
@@ -35,50 +35,6 @@ STREAMS = 20
 STREAM_SIZE = 64 << 20
 HELD = 200 - STREAMS - 1  # with the pinger: 200 connections open through kubeprism
 RESTARTS = 3
-# 2 descriptors a connection, room for undelivered bytes and the listener.
-STORE_CAPACITY = 4 * 200 + 16
-
-
-class Service:
-    """kubeprism under the stand-in manager: start, restart (SIGTERM + start), stop."""
-
-    def __init__(self, cfg: dict[str, Any], workdir: Path, capacity: int = STORE_CAPACITY):
-        self.cfg, self.workdir = cfg, workdir
-        self.manager = ServiceManager(workdir, capacity)
-        self.daemon: DaemonProcess | None = None
-        self.generations: list[DaemonProcess] = []
-
-    async def start(self) -> DaemonProcess:
-        """Start the next process with whatever the store holds."""
-        wrap, fds = self.manager.launch()
-        daemon = DaemonProcess(
-            self.cfg, self.workdir, env=self.manager.env(), wrap=wrap, pass_fds=fds
-        )
-        self.daemon = await daemon.astart()
-        self.generations.append(daemon)
-        return daemon
-
-    async def terminate(self) -> int:
-        """SIGTERM (what systemctl restart and stop send) and wait for the exit."""
-        assert self.daemon is not None
-        self.daemon.signal(signal.SIGTERM)
-        code = await asyncio.to_thread(self.daemon.wait_exit, 10)
-        self.manager.drain()
-        return code
-
-    async def restart(self) -> float:
-        """systemctl restart; return the seconds from SIGTERM until the new one serves."""
-        started = time.monotonic()
-        assert await self.terminate() == 0
-        await self.start()
-        return time.monotonic() - started
-
-    def close(self) -> None:
-        """Stop whatever still runs and close the store."""
-        for daemon in self.generations:
-            if daemon.proc is not None and daemon.proc.poll() is None:
-                daemon.stop()
-        self.manager.close()
 
 
 @contextlib.asynccontextmanager
@@ -86,7 +42,7 @@ async def service(cfg: dict[str, Any], workdir: Path) -> AsyncIterator[Service]:
     """A started Service, closed at exit."""
     svc = Service(cfg, workdir)
     try:
-        await svc.start()
+        await svc.astart()
         yield svc
     finally:
         svc.close()
@@ -136,7 +92,7 @@ async def test_takeover_closes_what_it_cannot_use_and_resumes_the_rest(tmp_path:
             for sock in (up, kp_client, kp_lone, kp_garbled, kp_peer):
                 sock.close()
             try:
-                daemon = await svc.start()
+                daemon = await svc.astart()
                 for junk_peer in (lone, garbled, peer, client):
                     junk_peer.settimeout(5)
                 for junk_peer in (lone, garbled, peer):
@@ -158,7 +114,7 @@ async def _restart_measured(svc: Service, load: Load) -> float:
     """One restart under load; return the forwarding pause (longest ping round trip)."""
     await eventually(lambda: len(load.pings) > 3, 10, message="pings flowing")
     t0 = time.monotonic()
-    await svc.restart()
+    await svc.arestart()
     await eventually(lambda: load.pings[-1][0] > t0 + 0.2, 10, message="pings again")
     return load.pause_around(t0 - 0.05, time.monotonic())
 
@@ -212,7 +168,7 @@ async def test_stop_closes_every_connection_within_drain_timeout(tmp_path: Path)
         port = _port(svc.cfg)
         held = [await open_held(port) for _ in range(50)]
         t0 = time.monotonic()
-        assert await svc.terminate() == 0
+        assert await svc.aterminate() == 0
         assert svc.manager.flush() >= 2 * len(held)  # what systemctl stop does to the store
         ends = await asyncio.gather(*(asyncio.wait_for(r.read(), 5) for r, _ in held))
         elapsed = time.monotonic() - t0
@@ -286,7 +242,7 @@ async def test_kubectl_watch_survives_restarts(
         try:
             events = [await _event(proc.stdout)]
             for _ in range(RESTARTS):
-                await svc.restart()
+                await svc.arestart()
                 events += [await _event(proc.stdout) for _ in range(5)]
         finally:
             proc.kill()

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 import yaml
-from clients import write_kubeconfig
+from clients import metric_sample, write_kubeconfig
 from daemon_proc import DaemonProcess
+from service_manager import Service
 from util import wait_for
 
 from faults.fault_clients import request_stats, requests_load, streams_load, wait_for_requests
@@ -233,3 +234,55 @@ def test_reload_new_upstream_set_during_traffic(cluster: Cluster, tmp_path: Path
     assert "reloaded" in log, log[-2000:]
     assert not stats.failed, stats.failed[:5]
     assert not closed, closed
+
+
+STREAMS_KEPT = 20
+RESTARTS = 3
+
+
+def test_10d_restart_under_load_keeps_every_connection(cluster: Cluster, tmp_path: Path) -> None:
+    """kubeprism restarted 3 times the way systemd does it with a file descriptor store
+    (tests/service_manager.py): 20 watch-like TLS streams and a request every 100 ms
+    through it; no stream closes, no request fails."""
+    cfg = default_config(cluster, tmp_path)
+    svc = Service(cfg, tmp_path, netns=cluster.topo.node.ns)
+    try:
+        daemon = svc.start()
+        wait_states(daemon, {cluster.address(n): "healthy" for n in cluster.names})
+        with (
+            requests_load(cluster.topo, cluster.pki) as load,
+            streams_load(cluster.topo, cluster.pki, STREAMS_KEPT) as streams,
+        ):
+            streams.wait(lambda r: r["kind"] == "idle", message="streams open")
+            wait_for_requests(load, 0, 5, ok_only=True)
+            first = time.monotonic()
+            restarts = [svc.restart() for _ in range(RESTARTS)]
+            wait_for_requests(load, time.monotonic(), 5)
+            records, stream_records = load.stop(), streams.stop()
+        assert svc.daemon is not None
+        adopted = svc.daemon.metrics()
+        log_has_no_traceback(svc.daemon)
+    finally:
+        svc.close()
+    during = request_stats(records, first, time.monotonic())
+    closed = [r for r in stream_records if r["kind"] == "closed"]
+    alive = [r for r in stream_records if r["kind"] == "alive"]
+    met = not closed and len(alive) == STREAMS_KEPT and not during.failed
+    record(
+        "10d restart under load, fd store (3x)",
+        f"{len(closed)}/{STREAMS_KEPT} streams closed, {len(during.failed)}/{during.total} "
+        f"requests failed; slowest request {during.slowest:.2f} s; restarts took "
+        f"{', '.join(f'{s:.2f}' for s in restarts)} s (SIGTERM to serving)",
+        "0 closed, 0 failed",
+        met,
+        streams_closed=len(closed),
+        streams_alive=len(alive),
+        requests=during.total,
+        failed=len(during.failed),
+        slowest_request_seconds=during.slowest,
+        restart_seconds=restarts,
+        adopted_total=metric_sample(adopted, "kubeprism_connections_adopted_total"),
+    )
+    assert not closed, closed[:5]
+    assert len(alive) == STREAMS_KEPT
+    assert not during.failed, during.failed[:5]
