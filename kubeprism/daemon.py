@@ -123,6 +123,7 @@ class Daemon:
         self._stored_names: list[str] = []
         self._store_listeners: list[socket.socket] = []
         self._handover: str | None = None
+        self._reexec_task: asyncio.Task[None] | None = None
         self.successor: tuple[list[Frozen], list[socket.socket]] | None = None
 
     # ------------------------------------------------------------ start-up
@@ -240,13 +241,24 @@ class Daemon:
 
     def request_reexec(self) -> None:
         """SIGUSR2: replace this process by a fresh one (same PID), keeping every connection."""
-        if self.stop_requested.is_set():
-            logger.warning("received SIGUSR2 while stopping; ignoring it")
+        if self.stop_requested.is_set() or self._reexec_task is not None:
+            logger.warning("received SIGUSR2 while stopping or re-executing; ignoring it")
             return
-        self._signals += 1
-        self._handover = "exec"
-        logger.info("received SIGUSR2; re-executing in place")
-        self.stop_requested.set()
+        logger.info("received SIGUSR2; checking the config with the installed kubeprism")
+        self._reexec_task = asyncio.create_task(self._reexec(), name="re-exec")
+
+    async def _reexec(self) -> None:
+        # The new image exits at once on a config it rejects, and every connection with it:
+        # ask it (the installed code, maybe newer than ours) before giving anything up.
+        problem = await succession.check_successor(self.config_path)
+        self._reexec_task = None
+        if problem:
+            logger.error("not re-executing: %s", problem)
+        elif not self.stop_requested.is_set():
+            self._signals += 1
+            self._handover = "exec"
+            logger.info("re-executing in place")
+            self.stop_requested.set()
 
     def request_reload(self) -> None:
         """Re-read the config file (SIGHUP); one reload at a time."""
@@ -377,7 +389,7 @@ class Daemon:
         left = self.proxy.close_all()
         if left:
             logger.info("closed %d connection(s) still open after draining", left)
-        for task in (self._reload_task, self._watchdog_task, *self._retiring):
+        for task in (self._reload_task, self._watchdog_task, self._reexec_task, *self._retiring):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

@@ -9,6 +9,7 @@ travel in a memfd next to its sockets, so nothing is lost or sent twice.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import logging
 import os
@@ -16,6 +17,7 @@ import socket
 import stat
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from kubeprism import handover, systemd
@@ -29,6 +31,8 @@ logger = logging.getLogger(__name__)
 BYTES_MAX = 4 << 20
 # An exec has no store to fill: only the names budget limits it.
 EXEC_CAPACITY = 1 << 20
+# check-config of the successor before a re-exec: a Python start-up and a config load.
+CHECK_TIMEOUT = 30.0
 NamedFd = tuple[int, str]
 
 
@@ -121,6 +125,36 @@ def to_store(frozen: Sequence[Frozen], listeners: Sequence[socket.socket], capac
         len(listeners),
     )
     return out.connections
+
+
+async def check_successor(config_path: str | Path | None) -> str | None:
+    """Run the installed kubeprism's check-config on our config; None if it accepts it."""
+    if config_path is None:
+        return "no config file to check"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kubeprism",
+        "check-config",
+        "--config",
+        str(config_path),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT):
+            _, err = await proc.communicate()
+    except TimeoutError:
+        return f"check-config did not finish within {CHECK_TIMEOUT:g}s"
+    finally:
+        if proc.returncode is None:  # timed out, or we are stopping
+            proc.kill()
+            await proc.wait()
+    if proc.returncode:
+        last = err.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+        return f"check-config exited {proc.returncode}: {last[0]}"
+    return None
 
 
 def exec_in_place(frozen: Sequence[Frozen], listeners: Sequence[socket.socket]) -> NoReturn:

@@ -8,6 +8,7 @@ connections held through kubeprism survive `systemctl restart kubeprism` three t
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -89,6 +90,21 @@ def box(systemd_box: SystemdContainer) -> Iterator[SystemdContainer]:
     yield systemd_box
 
 
+def forwarding_pauses(box: SystemdContainer) -> list[float]:
+    """Per restart, seconds from the old process handing its connections to the store to
+    the new one taking them over (journal monotonic timestamps)."""
+    out = box.run("journalctl", "-u", "kubeprism.service", "-o", "short-monotonic").stdout
+    stamped = [
+        (float(m.group(1)), m.group(2))
+        for m in re.finditer(r"^\[\s*([\d.]+)\] (.*)$", out, re.MULTILINE)
+    ]
+    handed = [t for t, line in stamped if "handed " in line]
+    taken = [t for t, line in stamped if "took over" in line]
+    return [
+        round(min(t for t in taken if t > h) - h, 3) for h in handed if any(t > h for t in taken)
+    ]
+
+
 def _property(box: SystemdContainer, name: str) -> str:
     return box.run("systemctl", "show", "-P", name, "kubeprism.service").stdout.strip()
 
@@ -114,7 +130,10 @@ def test_200_connections_survive_three_restarts_and_stop_closes_them(
         stop_seconds = time.monotonic() - started
     finally:
         holder.close()
-    print(f"systemctl restart took {seconds} s; stop closed {stop} in {stop_seconds:.2f} s")
+    pauses = forwarding_pauses(box)
+    print(f"systemctl restart took {seconds} s; forwarding paused {pauses} s")
+    print(f"stop closed {stop} in {stop_seconds:.2f} s")
+    assert len(pauses) == 3
     assert stop["closed"] == HELD and stop["open"] == 0
     assert stop_seconds < DRAIN_TIMEOUT
     assert "Traceback" not in box.journal()

@@ -186,6 +186,11 @@ async def test_reexec_in_place_keeps_connections(tmp_path: Path) -> None:
             assert daemon.proc is not None
             pid, port = daemon.proc.pid, daemon.port
             held = [await open_held(port) for _ in range(20)]
+            good = daemon.config_path.read_text()
+            daemon.config_path.write_text("upstreams: [nonsense\n")
+            daemon.signal(signal.SIGUSR2)  # refused: the new image would exit on this config
+            await eventually(lambda: "not re-executing" in daemon.log(), 15, message="refusal")
+            daemon.config_path.write_text(good)
             load = Load()
             stream = asyncio.create_task(stream_client(port, 16 << 20, load), name="stream")
             for n in range(1, 4):
