@@ -66,6 +66,7 @@ class ProxyStats:
     accept_errors: int = 0
     closed: dict[CloseReason, int] = field(default_factory=lambda: dict.fromkeys(CloseReason, 0))
     dial_failures: int = 0
+    dials_overtaken: int = 0
     local_dial_errors: int = 0
     adopted: int = 0  # connections taken over from the previous process
     internal_errors: int = 0
@@ -195,7 +196,7 @@ class Proxy:
         try:
             # TCP_NODELAY comes from the listener: Linux copies it to accepted sockets.
             client.setblocking(False)
-            candidates = [ep.address for ep in self.pool.candidates()]
+            candidates = self.pool.candidates()
             dial = Dial(self.loop, self, self._dial_options, self._clock, client, candidates)
             self._dialing.add(dial)
             dial.start()
@@ -247,6 +248,17 @@ class Proxy:
         transition = self.pool.record_dial(address, False, reason, self._clock())
         if transition is not None:
             self._on_transition(transition)
+
+    def dial_overtaken(self, address: HostPort, seconds: float) -> None:
+        """A staggered dial connected elsewhere first: the slow endpoint is suspect."""
+        self.stats.dials_overtaken += 1
+        if self.pool.record_overtaken(address):  # one line per episode
+            logger.info(
+                "dial to %s still not connected after %.0f ms while another endpoint "
+                "answered; suspect until it passes a check",
+                address,
+                seconds * 1000,
+            )
 
     def dial_exhausted(self, dial: Dial) -> None:
         """No candidate accepted: the client is closed (the only way it notices anything)."""

@@ -500,8 +500,8 @@ async def test_close_all_leaves_no_tasks_and_no_fds() -> None:
             pool = healthy_pool(a.address)
             async with serving(pool, idle_timeout=30.0, dial_timeout=30.0) as rig:
                 established = [await rig.connect() for _ in range(2)]
-                # Now prefer the black hole: the next client's dial hangs.
-                pool.reconcile(specs(hole, a.address))
+                # Now only the black hole is left: the next client's dial hangs.
+                pool.reconcile(specs(hole))
                 pool.record_probe(hole, True, 0.0005, "ok", 0.0)
                 dialing = await rig.connect(greet=False)
                 await eventually(lambda: rig.proxy.active == 3)

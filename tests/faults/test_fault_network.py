@@ -39,6 +39,8 @@ from faults.fault_report import record
 pytestmark = pytest.mark.netns
 
 INTERVAL, TIMEOUT, UNHEALTHY_THRESHOLD, DIAL_TIMEOUT = 1.0, 0.8, 2, 1.0  # the defaults
+# Slowest fresh request during a silent partition: staggered dials (issue 12).
+FRESH_REQUEST_BOUND = 0.5
 # How long the load keeps running after a fault before the figures are taken.
 AFTER_FAULT = 4.0
 STREAMS = 6
@@ -174,7 +176,8 @@ def test_1_process_killed(cluster: Cluster, tmp_path: Path) -> None:
 
 def test_2_silent_partition(cluster: Cluster, tmp_path: Path) -> None:
     """Every packet to/from the server holding streams dropped: they are closed within 5 s,
-    the others untouched; no fresh request fails, none waits longer than dialTimeout + 0.2 s."""
+    the others untouched; no fresh request fails, none waits longer than 0.5 s (a dial the
+    dark server does not answer is overtaken by the next one after its attempt delay)."""
     with Run(cluster, tmp_path) as run:
         fault = run.hit()
         cluster.topo.partition(cluster.cp(run.victim))
@@ -185,7 +188,7 @@ def test_2_silent_partition(cluster: Cluster, tmp_path: Path) -> None:
         state = run.daemon.upstreams()[cluster.address(run.victim)]
         log_has_no_traceback(run.daemon)
     worst = max(closed)
-    slow_bound = DIAL_TIMEOUT + 0.2
+    slow_bound = FRESH_REQUEST_BOUND
     met = worst <= 5.0 and not stats.failed and stats.slowest <= slow_bound and not problems
     record(
         "2 silent partition",
