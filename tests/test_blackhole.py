@@ -105,7 +105,7 @@ def _daemon(ns: NetNS, pki: TestPKI, tmp: Path, ports: list[int], **hc: Any) -> 
 async def test_black_holed_upstream_fresh_requests_fail_over(
     ns: NetNS, pki: TestPKI, tmp_path: Path
 ) -> None:
-    """Probes every 30 s: only failed dials can reveal the black hole. No request fails."""
+    """Probes every 30 s: only dials can reveal the black hole. No request fails or waits."""
     with _standin(ns, pki, "A") as a, _standin(ns, pki, "B") as b:
         daemon = await _daemon(
             ns, pki, tmp_path, [a.port, b.port], interval="30s", timeout="1s"
@@ -120,14 +120,13 @@ async def test_black_holed_upstream_fresh_requests_fail_over(
                 assert await asyncio.wait_for(_version_from(ns, pki, daemon.port), 5) == "B"
                 took = time.monotonic() - started
                 slowest, slow = max(slowest, took), slow + (took > 0.5)
-            # One dial waits out dialTimeout (1 s) before failing over, no longer; after it
-            # A is suspect and asked last, so every later request is fast.
-            assert slowest < 1.0 + 0.5, slowest
-            assert slow == 1, slow
+            # The first dial to A is overtaken by one to B after A's attempt delay (at most
+            # 250 ms), long before dialTimeout (1 s); A is then suspect and asked last.
+            assert slow == 0, slowest
             ups = await daemon.aupstreams()
             assert ups[f"127.0.0.1:{a.port}"]["suspect"] is True
-            assert ups[f"127.0.0.1:{a.port}"]["dialFailuresTotal"] == 1
-            assert "timed out" in ups[f"127.0.0.1:{a.port}"]["reason"]
+            assert ups[f"127.0.0.1:{a.port}"]["state"] == "healthy"  # suspect, not failed
+            assert ups[f"127.0.0.1:{a.port}"]["dialFailuresTotal"] == 0
         finally:
             await daemon.astop()
 
