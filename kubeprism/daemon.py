@@ -21,12 +21,13 @@ from pathlib import Path
 from aiohttp import web
 
 from kubeprism import handover, prepare, succession, systemd
+from kubeprism.admin import AdminSite, admin_app, admin_runner
 from kubeprism.config import Config, ConfigError
 from kubeprism.connection import CloseReason, Frozen
 from kubeprism.health import HealthChecker, HttpsProbe, TcpProbe
 from kubeprism.logs import set_level
 from kubeprism.membership import Membership
-from kubeprism.metrics import AdminSite, Metrics, admin_app, admin_runner
+from kubeprism.metrics import Metrics
 from kubeprism.net import HostPort
 from kubeprism.prepare import Prepared
 from kubeprism.proxy import Proxy, ProxySettings

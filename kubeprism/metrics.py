@@ -1,4 +1,4 @@
-"""Prometheus metrics and the admin HTTP app (/metrics /healthz /readyz /upstreams).
+"""Prometheus metrics: the private registry and its collectors (admin.py serves them).
 
 A private CollectorRegistry (never the global one) and a scrape-time
 collector that reads the pool and the proxy's plain counters, so the byte
@@ -7,17 +7,13 @@ path never calls into the metrics library and nothing is mirrored.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import enum
 import itertools
 import platform
 from collections.abc import Iterator
-from typing import Any
 
-from aiohttp import web
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -36,7 +32,7 @@ from kubeprism.membership import Membership
 from kubeprism.net import HostPort
 from kubeprism.proxy import Proxy
 from kubeprism.supervise import SUPERVISOR
-from kubeprism.upstream import Endpoint, Health, Pool
+from kubeprism.upstream import Health, Pool
 
 # Dial and probe latencies from loopback (~100 us) to another continent (~300 ms) and
 # timeouts (~1-2 s): decades with a midpoint.
@@ -56,13 +52,6 @@ LATENCY_BUCKETS = (
     2.5,
     5,
 )
-# The admin port serves a scraper, `kubeprism status` and probes: a few connections.
-# More (200 idle ones took every fd under a low limit) are closed on arrival, so the
-# admin port can never take the descriptors the proxied connections need.
-ADMIN_MAX_CONNECTIONS = 32
-# A connection that has not sent a complete request (or idles between requests) for
-# this long is closed; aiohttp's default is an hour.
-ADMIN_IDLE_TIMEOUT = 5.0
 
 
 class Result(enum.Enum):
@@ -360,81 +349,3 @@ class GuardCollector(Collector):
             "EndpointSlice list items and watch events skipped as malformed.",
             value=watcher.state.bad_objects if watcher else 0,
         )
-
-
-def endpoint_view(ep: Endpoint) -> dict[str, Any]:
-    """One endpoint as shown by /upstreams and `kubeprism status`."""
-    return {
-        "address": str(ep.address),
-        "sources": sorted(ep.sources),
-        "priority": ep.priority,
-        "state": ep.health.value,
-        "suspect": ep.suspect,
-        "reason": ep.reason,
-        "latencySeconds": ep.latency,
-        "latencyClass": ep.latency_class,
-        "activeConnections": ep.active,
-        "connectionsTotal": ep.connections_total,
-        "dialFailuresTotal": ep.dial_failures_total,
-    }
-
-
-def admin_app(pool: Pool, metrics: Metrics) -> web.Application:
-    """The admin HTTP application."""
-
-    async def handle_metrics(_: web.Request) -> web.Response:
-        resp = web.Response(body=metrics.exposition())
-        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
-        return resp
-
-    async def handle_healthz(_: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
-
-    async def handle_readyz(_: web.Request) -> web.Response:
-        healthy, total = pool.healthy_count, len(pool.endpoints)
-        text = f"{healthy}/{total} endpoints healthy\n"
-        return web.Response(status=200 if healthy else 503, text=text)
-
-    async def handle_upstreams(_: web.Request) -> web.Response:
-        body = {
-            "panic": pool.panic,
-            "healthy": pool.healthy_count,
-            "endpoints": [endpoint_view(ep) for ep in pool.endpoints.values()],
-        }
-        return web.json_response(body)
-
-    app = web.Application()
-    app.router.add_get("/metrics", handle_metrics)
-    app.router.add_get("/healthz", handle_healthz)
-    app.router.add_get("/readyz", handle_readyz)
-    app.router.add_get("/upstreams", handle_upstreams)
-    return app
-
-
-class AdminSite(web.SockSite):
-    """The admin listener, closing connections beyond ADMIN_MAX_CONNECTIONS on arrival."""
-
-    async def start(self) -> None:
-        """Like SockSite.start, with the cap in front of aiohttp's protocol factory."""
-        await web.BaseSite.start(self)
-        server = self._runner.server
-        assert server is not None
-
-        def protocol() -> asyncio.BaseProtocol:
-            if len(server.connections) >= ADMIN_MAX_CONNECTIONS:
-                return _Refused()
-            return server()
-
-        self._server = await asyncio.get_running_loop().create_server(
-            protocol, sock=self._sock, backlog=self._backlog
-        )
-
-
-def admin_runner(app: web.Application) -> web.AppRunner:
-    """A runner for the admin app with short timeouts for idle and incomplete requests."""
-    return web.AppRunner(app, access_log=None, keepalive_timeout=ADMIN_IDLE_TIMEOUT)
-
-
-class _Refused(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.abort()  # type: ignore[attr-defined]
