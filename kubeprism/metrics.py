@@ -277,6 +277,11 @@ class StateCollector(Collector):
             "kubeprism_accept_errors", "Failed accept() calls.", value=st.accept_errors
         )
         yield CounterMetricFamily(
+            "kubeprism_dials_overtaken",
+            "Connects still in progress when a staggered connect to another endpoint won.",
+            value=st.dials_overtaken,
+        )
+        yield CounterMetricFamily(
             "kubeprism_connections_adopted",
             "Connections taken over, still open, from the process before a restart.",
             value=st.adopted,

@@ -53,6 +53,7 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "kubeprism_forwarded_bytes": ("counter", ("direction",)),
     "kubeprism_active_connections": ("gauge", ()),
     "kubeprism_accept_errors": ("counter", ()),
+    "kubeprism_dials_overtaken": ("counter", ()),
     "kubeprism_connections_adopted": ("counter", ()),
     "kubeprism_forwarding_mode": ("gauge", ("mode",)),
     "kubeprism_pipes_free": ("gauge", ()),
