@@ -2,29 +2,28 @@
 
 Going through our own listener means discovery works whenever any upstream
 works. Two API paths do not justify a Kubernetes client library: aiohttp
-speaks them. Credentials come from a kubeconfig (the kubelet's is typical) or
-a service-account token file; they are never logged.
+speaks them. The credentials (credentials.py) are re-read when their files
+change, checked before each request, so a rotated client certificate or token
+is used without restart or reload; an authentication failure retries at once
+if the files changed meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
+import collections
 import json
 import logging
-import os
 import ssl
-import tempfile
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
-from kubeprism import kubeconfig
-from kubeprism.atomic import read_limited
-from kubeprism.config import ConfigError, KubernetesDiscoveryConfig, file_named_by
+from kubeprism.config import ConfigError
+from kubeprism.credentials import Credentials, load_credentials
 from kubeprism.net import HostPort
 from kubeprism.sliceparse import (
     MAX_LIST_BYTES,
@@ -58,82 +57,30 @@ MAX_REQUESTS_PER_SECOND = 1.0
 REQUEST_BURST = 3  # a list and its watch at once, and one retry
 LIST_TIMEOUT = 30.0
 READ_CHUNK = 64 * 1024
-_KEY = "discovery.kubernetes"
-# A service-account token is ~1 KiB: a file much bigger is not a token.
-MAX_TOKEN_BYTES = 64 * 1024
 
 
-@dataclass(frozen=True)
-class Credentials:
-    """How to reach and authenticate to the API through kubeprism."""
-
-    ssl: ssl.SSLContext
-    server_name: str
-    token: str | None = None
-    token_file: str | None = None
-
-    def headers(self) -> dict[str, str]:
-        """Authorization header; a token file is re-read so rotated tokens are picked up."""
-        token = self.token
-        if self.token_file is not None:
-            token = read_limited(self.token_file, MAX_TOKEN_BYTES).strip()
-        return {"Authorization": f"Bearer {token}"} if token else {}
+# Values of the `reason` label of kubeprism_discovery_errors_total.
+ERROR_REASONS = ("unauthorized", "http", "tls", "timeout", "connection", "invalid", "credentials")
 
 
-def load_credentials(kc: KubernetesDiscoveryConfig) -> Credentials:
-    """Credentials from the config: a kubeconfig, or a token file plus caFile."""
-    with file_named_by(f"{_KEY}.caFile", kc.ca_file):
-        ctx = ssl.create_default_context(cafile=kc.ca_file)
-    if kc.kubeconfig is None:
-        return Credentials(ctx, kc.server_name, token_file=kc.token_file)
-    return _from_kubeconfig(kc, ctx)
+class HTTPStatusError(ValueError):
+    """The API answered with an unexpected status."""
+
+    def __init__(self, status: int, path: str) -> None:
+        super().__init__(f"HTTP {status} from {path}")
+        self.status = status
 
 
-def _from_kubeconfig(kc: KubernetesDiscoveryConfig, ctx: ssl.SSLContext) -> Credentials:
-    assert kc.kubeconfig is not None
-    key = f"{_KEY}.kubeconfig"
-    base = Path(kc.kubeconfig).parent
-    try:
-        _, doc = kubeconfig.load(Path(kc.kubeconfig))
-        chosen = kubeconfig.current(doc)
-    except kubeconfig.KubeconfigError as exc:
-        raise ConfigError(key, f"cannot use kubeconfig {exc}") from None
-    cluster, user = chosen.cluster, chosen.user
-    try:
-        if kc.ca_file is None:
-            _load_ca(ctx, cluster, base)
-        _load_client_cert(ctx, user, base)
-    except (OSError, ssl.SSLError, ValueError) as exc:
-        raise ConfigError(key, f"bad TLS material in {kc.kubeconfig}: {exc}") from None
-    token_file = user.get("tokenFile")
-    return Credentials(
-        ctx,
-        cluster.get("tls-server-name") or kc.server_name,
-        token=user.get("token"),
-        token_file=str(base / token_file) if token_file else None,
-    )
+class Unauthorized(HTTPStatusError):
+    """401 or 403: expired or rotated credentials (or missing RBAC)."""
 
 
-def _load_ca(ctx: ssl.SSLContext, cluster: Mapping[str, Any], base: Path) -> None:
-    if data := cluster.get("certificate-authority-data"):
-        ctx.load_verify_locations(cadata=base64.b64decode(data).decode())
-    elif path := cluster.get("certificate-authority"):
-        ctx.load_verify_locations(cafile=str(base / path))
+@dataclass
+class DiscoveryStats:
+    """Counters that outlive any one watcher (a reload may replace it); read by the metrics."""
 
-
-def _load_client_cert(ctx: ssl.SSLContext, user: Mapping[str, Any], base: Path) -> None:
-    cert, key = user.get("client-certificate-data"), user.get("client-key-data")
-    if cert and key:
-        # ssl loads certificates from files only: a private temp dir, removed at once.
-        with tempfile.TemporaryDirectory(prefix="kubeprism-") as tmp:
-            cert_path, key_path = Path(tmp, "c.pem"), Path(tmp, "k.pem")
-            for path, data in ((cert_path, cert), (key_path, key)):
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(base64.b64decode(data))
-            ctx.load_cert_chain(cert_path, key_path)
-    elif user.get("client-certificate") and user.get("client-key"):
-        ctx.load_cert_chain(base / user["client-certificate"], base / user["client-key"])
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    last_success: float | None = None  # wall-clock time of the last list or watch answered 200
 
 
 class SliceWatcher:
@@ -145,9 +92,11 @@ class SliceWatcher:
         credentials: Credentials,
         on_update: Callable[[set[HostPort]], None],
         debounce: float,
+        stats: DiscoveryStats | None = None,
     ) -> None:
         self.base_url = f"https://{target}"
         self.credentials = credentials
+        self.stats = stats or DiscoveryStats()
         self.on_update = on_update
         self.debounce = debounce
         self.state = SliceSet()
@@ -186,7 +135,10 @@ class SliceWatcher:
                 except Gone:
                     self._failed("the watch expired (410 Gone)")
                 except _EXPECTED as exc:
+                    self.stats.errors[error_reason(exc)] += 1
                     self._failed(f"{type(exc).__name__}: {str(exc)[:300]}")
+                    if isinstance(exc, Unauthorized) and self.refresh_credentials():
+                        continue  # rotated on disk meanwhile: retry with them at once
                 await asyncio.sleep(backoff.next())
 
     async def _watch_once(
@@ -216,6 +168,25 @@ class SliceWatcher:
             logger.info("EndpointSlice discovery recovered after %d failed attempt(s)", failed)
             self._episode = 0
 
+    def refresh_credentials(self) -> bool:
+        """Re-read the credentials if their files changed; True if new ones are in use.
+
+        A half-written rotation (certificate and key not matching yet) keeps the old ones
+        and counts a `credentials` error; the next request checks again.
+        """
+        old = self.credentials
+        if not old.changed_on_disk():
+            return False
+        assert old.source is not None
+        try:
+            self.credentials = load_credentials(old.source)
+        except ConfigError as exc:
+            self.stats.errors["credentials"] += 1
+            self._failed(str(exc))
+            return False
+        logger.info("discovery credentials changed on disk; using the new ones")
+        return True
+
     def _log_bad_objects(self) -> None:
         if self.state.bad_objects != self._bad_logged:
             logger.warning(
@@ -228,10 +199,13 @@ class SliceWatcher:
     def _get(
         self, session: aiohttp.ClientSession, params: dict[str, str], total: float | None
     ) -> Any:
+        self.refresh_credentials()
         return session.get(
             self.base_url + SLICES_PATH,
             params={"labelSelector": SELECTOR, **params},
             headers=self.credentials.headers(),
+            # Per request: connections made with replaced credentials are not reused.
+            ssl=self.credentials.ssl,
             server_hostname=self.credentials.server_name,
             timeout=aiohttp.ClientTimeout(total=total, connect=10, sock_read=WATCH_SECONDS + 30),
         )
@@ -240,7 +214,7 @@ class SliceWatcher:
         await self._pace.wait()
         self.lists += 1
         async with self._get(session, {}, LIST_TIMEOUT) as resp:
-            _check(resp)
+            self._check(resp)
             body = await _read_limited(resp, MAX_LIST_BYTES)
         version = self.state.replace(json.loads(body))
         self.last_error = None  # the API answers; the episode ends only with progress
@@ -261,7 +235,7 @@ class SliceWatcher:
         changes = 0
         splitter = LineSplitter()
         async with self._get(session, params, None) as resp:
-            _check(resp)
+            self._check(resp)
             async for chunk in resp.content.iter_chunked(READ_CHUNK):
                 for line in splitter.feed(chunk):
                     changed, new_version = self.state.event(line)
@@ -314,6 +288,15 @@ class SliceWatcher:
             self._pending.cancel()
             self._pending = None
 
+    def _check(self, resp: aiohttp.ClientResponse) -> None:
+        if resp.status == 410:
+            raise Gone()
+        if resp.status in (401, 403):
+            raise Unauthorized(resp.status, resp.url.path)
+        if resp.status != 200:
+            raise HTTPStatusError(resp.status, resp.url.path)
+        self.stats.last_success = time.time()
+
 
 async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     """The body, refused (ValueError) as soon as it passes ``limit`` bytes."""
@@ -340,8 +323,18 @@ _EXPECTED = (
 )
 
 
-def _check(resp: aiohttp.ClientResponse) -> None:
-    if resp.status == 410:
-        raise Gone()
-    if resp.status != 200:
-        raise ValueError(f"HTTP {resp.status} from {resp.url.path}")
+def error_reason(exc: BaseException) -> str:
+    """The `reason` label for a discovery error (one of ERROR_REASONS)."""
+    if isinstance(exc, Unauthorized):
+        return "unauthorized"
+    if isinstance(exc, HTTPStatusError):
+        return "http"
+    if isinstance(exc, ConfigError):
+        return "credentials"
+    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+        return "tls"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return "connection"
+    return "invalid"

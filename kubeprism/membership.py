@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kubeprism.config import DEFAULT_PRIORITY, DiscoveryConfig, UpstreamSpec
+from kubeprism.credentials import Credentials
 from kubeprism.discovery import (
     SOURCE_CACHE,
     SOURCE_KUBERNETES,
@@ -24,7 +25,7 @@ from kubeprism.discovery import (
     save_cache,
     screen,
 )
-from kubeprism.kubewatch import Credentials, SliceWatcher
+from kubeprism.kubewatch import DiscoveryStats, SliceWatcher
 from kubeprism.net import HostPort
 from kubeprism.supervise import supervised
 from kubeprism.upstream import EndpointSpec, Pool
@@ -52,6 +53,7 @@ class Membership:
         self._dc = DiscoveryConfig()
         self._watch_key: tuple[Any, ...] | None = None
         self._watcher: SliceWatcher | None = None
+        self.discovery_stats = DiscoveryStats()
         self._watch_task: asyncio.Task[None] | None = None
         self._dns_task: asyncio.Task[None] | None = None
         self._removals: dict[HostPort, asyncio.TimerHandle] = {}
@@ -66,8 +68,10 @@ class Membership:
         watch_target: HostPort,
         own: tuple[HostPort, ...] = (),
     ) -> None:
-        """Apply (new) settings; the watch restarts only if its own settings changed.
+        """Apply (new) settings; the watch restarts only if its own settings or credentials changed.
 
+        A reload thus always applies credentials re-read from disk (the watcher also picks up
+        rotated files by itself), with a fresh backoff.
         ``own`` are kubeprism's listen addresses: never an endpoint, whoever names them.
         """
         first = self._watch_key is None
@@ -78,13 +82,17 @@ class Membership:
         # would ever replace it, and a stale file would add endpoints for good.
         if first and dc.cache_file and dc.kubernetes.enabled:
             self.cached = load_cache(dc.cache_file)
-        key = (dc.kubernetes, watch_target)
+        key = (dc.kubernetes, watch_target, credentials and credentials.fingerprint)
         if key != self._watch_key:
             self._watch_key = key
             self._stop_watch()
             if credentials is not None:
                 self._watcher = SliceWatcher(
-                    watch_target, credentials, self._on_slices, dc.kubernetes.debounce
+                    watch_target,
+                    credentials,
+                    self._on_slices,
+                    dc.kubernetes.debounce,
+                    self.discovery_stats,
                 )
 
     @property

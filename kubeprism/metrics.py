@@ -28,6 +28,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from kubeprism import __version__
+from kubeprism.kubewatch import ERROR_REASONS
 from kubeprism.membership import Membership
 from kubeprism.net import HostPort
 from kubeprism.proxy import Proxy
@@ -353,4 +354,24 @@ class GuardCollector(Collector):
             "kubeprism_discovery_malformed_objects",
             "EndpointSlice list items and watch events skipped as malformed.",
             value=watcher.state.bad_objects if watcher else 0,
+        )
+        yield from self._discovery_outcome()
+
+    def _discovery_outcome(self) -> Iterator[Metric]:
+        """Errors by reason and the last success: they outlive watchers a reload replaces."""
+        stats = self.membership.discovery_stats
+        errors = CounterMetricFamily(
+            "kubeprism_discovery_errors",
+            "Failed EndpointSlice list and watch requests, by reason.",
+            labels=["reason"],
+        )
+        for reason in ERROR_REASONS:
+            errors.add_metric([reason], stats.errors[reason])
+        yield errors
+        # 0 (long ago) until the first success, as the alert on it expects.
+        yield GaugeMetricFamily(
+            "kubeprism_discovery_last_success_timestamp_seconds",
+            "When an EndpointSlice list or watch request last succeeded (watches renew "
+            "every 240 s); 0 before the first.",
+            value=stats.last_success or 0.0,
         )

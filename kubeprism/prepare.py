@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kubeprism.config import Config, load_config
+from kubeprism.credentials import Credentials, load_credentials
 from kubeprism.health import HttpsProbe, TcpProbe, make_probe
-from kubeprism.kubewatch import Credentials, load_credentials
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ from standin import StandinAPIServer
 from util import eventually
 
 from kubeprism.config import ConfigError, KubernetesDiscoveryConfig, config_from_dict
+from kubeprism.credentials import load_credentials
 from kubeprism.discovery import EndpointFilter, load_cache, merge, save_cache
-from kubeprism.kubewatch import SliceWatcher, load_credentials, slice_endpoints
+from kubeprism.kubewatch import SliceWatcher, slice_endpoints
 from kubeprism.membership import Membership
 from kubeprism.net import HostPort
 from kubeprism.upstream import EndpointSpec, Pool

@@ -20,7 +20,7 @@ from util import free_port, kubectl_path, run_kubectl
 
 from kubeprism import kubeconfig as kc
 from kubeprism.config import KubernetesDiscoveryConfig
-from kubeprism.kubewatch import load_credentials
+from kubeprism.credentials import load_credentials
 
 TIMEOUT = 20.0
 TOKEN = "s3cr3t-node-token-0123456789"

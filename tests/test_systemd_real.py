@@ -8,6 +8,7 @@ started with `systemctl` from deploy/systemd.
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 from certs import TestPKI
+from clients import metric_sample
 from nspawn import REPO_INSIDE, VENV, SystemdContainer
 from util import wait_for
 
@@ -67,13 +69,32 @@ def timed(box: SystemdContainer, *argv: str) -> tuple[int, float]:
     return rc, time.monotonic() - started
 
 
-def write_kubelet_identity(box: SystemdContainer, pki: TestPKI, scratch: Path) -> None:
-    """A kubeadm-like kubelet.conf and kubelet-client-current.pem, root's 0600 files."""
+def write_kubelet_cert(
+    box: SystemdContainer, pki: TestPKI, scratch: Path, lifetime: float = 86400.0
+) -> float:
+    """Issue the node's client certificate and replace kubelet-client-current.pem with it
+    atomically (as the kubelet rotates it); returns when it expires (time.time() scale).
+    """
+    not_after = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=lifetime)
     node = pki.ca.issue_cert(
-        "node1", common_name="system:node:node1", organization_name="system:nodes"
+        "node1",
+        common_name="system:node:node1",
+        organization_name="system:nodes",
+        not_after=not_after,
     )
     pem = b"".join(b.bytes() for b in node.cert_chain_pems) + node.private_key_pem.bytes()
     (scratch / "kubelet-client.pem").write_bytes(pem)
+    box.sh(
+        f"install -D -m 0600 {SCRATCH}/kubelet-client.pem {KUBELET_CERT}.new\n"
+        f"mv {KUBELET_CERT}.new {KUBELET_CERT}\n"
+    )
+    # X.509 times have whole seconds: the certificate is invalid from this second on.
+    return float(int(not_after.timestamp()))
+
+
+def write_kubelet_identity(box: SystemdContainer, pki: TestPKI, scratch: Path) -> None:
+    """A kubeadm-like kubelet.conf and kubelet-client-current.pem, root's 0600 files."""
+    write_kubelet_cert(box, pki, scratch)
     kubeconfig = {
         "apiVersion": "v1",
         "kind": "Config",
@@ -93,10 +114,24 @@ def write_kubelet_identity(box: SystemdContainer, pki: TestPKI, scratch: Path) -
         ],
     }
     (scratch / "kubelet.conf").write_text(json.dumps(kubeconfig))
-    box.sh(
-        f"install -D -m 0600 {SCRATCH}/kubelet-client.pem {KUBELET_CERT}\n"
-        f"install -D -m 0600 {SCRATCH}/kubelet.conf {KUBELET_CONF}\n"
-    )
+    box.run("install", "-D", "-m", "0600", f"{SCRATCH}/kubelet.conf", KUBELET_CONF)
+
+
+def publish(box: SystemdContainer, count: int) -> None:
+    """List the first `count` API servers in the slice; open watches end (kubeprism re-lists)."""
+    box.run("curl", "-sf", "-X", "POST", f"http://127.0.0.1:6440/publish?count={count}")
+
+
+def rejected(box: SystemdContainer) -> int:
+    """Slice requests the API servers answered 401 so far."""
+    seen: dict[str, int] = json.loads(box.run("curl", "-sf", "http://127.0.0.1:6440/seen").stdout)
+    return seen["unauthorized"]
+
+
+def metric(box: SystemdContainer, name: str, **labels: str) -> float:
+    """One sample from kubeprism's /metrics."""
+    text = box.run("curl", "-sf", "http://127.0.0.1:7446/metrics").stdout
+    return metric_sample(text, name, **labels)
 
 
 def start_cluster(box: SystemdContainer) -> None:
@@ -122,10 +157,15 @@ def start_cluster(box: SystemdContainer) -> None:
     )
 
 
+def scratch_dir(box: SystemdContainer) -> Path:
+    """The host side of SCRATCH."""
+    return next(host for host, inside in box.binds.items() if inside == SCRATCH)
+
+
 @pytest.fixture(scope="module")
 def box(systemd_box: SystemdContainer, pki: TestPKI) -> Iterator[SystemdContainer]:
     """The module's container with API servers, the node identity, drop-in and config."""
-    scratch = next(host for host, inside in systemd_box.binds.items() if inside == SCRATCH)
+    scratch = scratch_dir(systemd_box)
     (scratch / "pki").mkdir()
     for name in ("ca.pem", "server.pem", "server-key.pem"):
         (scratch / "pki" / name).write_bytes((pki.paths.directory / name).read_bytes())
@@ -166,6 +206,34 @@ def test_start_reaches_ready_with_kubelet_identity_and_discovery(running: System
     )
     sources = {ep["address"]: ep["sources"] for ep in upstreams(running)["endpoints"]}
     assert sources[f"{SERVERS[1]}:6443"] == ["kubernetes"]
+
+
+def test_rotated_client_certificate_is_used_without_restart_or_reload(
+    running: SystemdContainer, pki: TestPKI
+) -> None:
+    """The kubelet's certificate expires and a new one is written: discovery recovers by itself.
+
+    Before, the certificate was loaded once: every list got 401 until a restart.
+    """
+    main_pid = unit_property(running, "MainPID")
+    scratch = scratch_dir(running)
+    expires = write_kubelet_cert(running, pki, scratch, lifetime=6)
+    publish(running, 3)  # the re-watch reads the short-lived certificate
+    wait_for(lambda: time.time() > expires + 0.5, 15, 0.2, "the client certificate expired")
+    before = rejected(running)
+    publish(running, 4)  # a fourth API server joins; re-listing needs a valid certificate
+    wait_for(lambda: rejected(running) > before, 30, 0.2, "a list rejected with 401")
+    wait_for(lambda: metric(running, "kubeprism_discovery_errors_total", reason="unauthorized"), 10)
+    assert f"{SERVERS[3]}:6443" not in addresses(running)
+    renewed = time.monotonic()
+    write_kubelet_cert(running, pki, scratch)
+    want = {f"{host}:6443" for host in SERVERS}
+    wait_for(lambda: addresses(running) == want, 60, 0.2, "the fourth API server discovered")
+    print(f"discovered {time.monotonic() - renewed:.1f}s after the new certificate was written")
+    assert unit_property(running, "MainPID") == main_pid  # no restart
+    assert "Reloading" not in running.journal("kubeprism.service")
+    assert "credentials changed on disk" in running.journal()
+    assert metric(running, "kubeprism_discovery_last_success_timestamp_seconds") > expires
 
 
 def test_restart_under_load_refuses_nothing_and_does_not_wait_for_the_drain(
