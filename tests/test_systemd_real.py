@@ -39,6 +39,7 @@ healthCheck: {{caFile: {PKI}/ca.pem, interval: 500ms, timeout: 400ms}}
 drainTimeout: {DRAIN_TIMEOUT:g}s
 discovery:
   kubernetes: {{enabled: true, kubeconfig: {KUBELET_CONF}, debounce: 200ms}}
+  filters: ["127.0.0.0/8"]  # the API servers share the container's loopback
 """
 
 
@@ -186,7 +187,10 @@ def running(box: SystemdContainer) -> SystemdContainer:
     """kubeprism started (socket and service) and every published API server discovered."""
     box.run("systemctl", "start", "kubeprism.socket", "kubeprism.service", timeout=60)
     want = {f"{host}:6443" for host in SERVERS[:3]}
-    wait_for(lambda: addresses(box) == want, 30, 0.2, f"discovery of {want}")
+    try:
+        wait_for(lambda: addresses(box) == want, 30, 0.2, f"discovery of {want}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\njournal:\n{box.journal()[-4000:]}") from None
     return box
 
 
