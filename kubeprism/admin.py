@@ -12,8 +12,8 @@ from kubeprism.metrics import Metrics
 from kubeprism.upstream import Endpoint, Pool
 
 # The admin port serves a scraper, `kubeprism status` and probes: a few connections.
-# More (200 idle ones took every fd under a low limit) are closed on arrival, so the
-# admin port can never take the descriptors the proxied connections need.
+# Beyond that the oldest is closed (200 idle ones took every fd under a low limit),
+# so the admin port can never take the descriptors the proxied connections need.
 ADMIN_MAX_CONNECTIONS = 32
 # A connection that has not sent a complete request (or idles between requests) for
 # this long is closed; aiohttp's default is an hour.
@@ -70,7 +70,7 @@ def admin_app(pool: Pool, metrics: Metrics) -> web.Application:
 
 
 class AdminSite(web.SockSite):
-    """The admin listener, closing connections beyond ADMIN_MAX_CONNECTIONS on arrival."""
+    """The admin listener, holding at most ADMIN_MAX_CONNECTIONS connections."""
 
     async def start(self) -> None:
         """Like SockSite.start, with the cap in front of aiohttp's protocol factory."""
@@ -79,8 +79,12 @@ class AdminSite(web.SockSite):
         assert server is not None
 
         def protocol() -> asyncio.BaseProtocol:
-            if len(server.connections) >= ADMIN_MAX_CONNECTIONS:
-                return _Refused()
+            # At the cap the oldest connection goes, not the new one: whoever hoards idle
+            # connections cannot lock out the scraper or a health check of kubeprism.
+            # (A closed one stays listed until its close completes: count the open ones.)
+            live = [c for c in server.connections if c.transport is not None]
+            if len(live) >= ADMIN_MAX_CONNECTIONS:
+                live[0].force_close()
             return server()
 
         self._server = await asyncio.get_running_loop().create_server(
@@ -91,8 +95,3 @@ class AdminSite(web.SockSite):
 def admin_runner(app: web.Application) -> web.AppRunner:
     """A runner for the admin app with short timeouts for idle and incomplete requests."""
     return web.AppRunner(app, access_log=None, keepalive_timeout=ADMIN_IDLE_TIMEOUT)
-
-
-class _Refused(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.abort()  # type: ignore[attr-defined]

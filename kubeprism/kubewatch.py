@@ -108,6 +108,7 @@ class SliceWatcher:
         self._pending: asyncio.TimerHandle | None = None
         self._target: set[HostPort] | None = None  # what the pending timer will apply
         self._applied: set[HostPort] | None = None
+        self._decided: set[HostPort] | None = None  # the last set _apply() saw (even if empty)
         self._pace = Pacer(MAX_REQUESTS_PER_SECOND, REQUEST_BURST)
         self._bad_logged = 0
         self._episode = 0  # failure count when the current episode began; 0: none
@@ -161,6 +162,8 @@ class SliceWatcher:
         if not self._episode:  # one line per episode, not one per attempt
             self._episode = self.failures
             logger.warning("EndpointSlice discovery failed: %s (retrying with backoff)", reason)
+        else:
+            logger.debug("EndpointSlice discovery failed again: %s", reason)
 
     def _recovered(self) -> None:
         if self._episode:
@@ -262,7 +265,7 @@ class SliceWatcher:
                 )
             self.invalid = invalid
         pending = self._pending is not None
-        if endpoints == (self._target if pending else self._applied):
+        if endpoints == (self._target if pending else self._decided):
             return
         if self._pending is not None:
             self._pending.cancel()
@@ -272,6 +275,7 @@ class SliceWatcher:
     def _apply(self) -> None:
         self._pending = None
         endpoints, self._target = self._target or set(), None
+        self._decided = endpoints
         if not endpoints:
             logger.warning("EndpointSlices list no ready API server; keeping the current set")
             return
@@ -301,7 +305,7 @@ class SliceWatcher:
 async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     """The body, refused (ValueError) as soon as it passes ``limit`` bytes."""
     if resp.content_length is not None and resp.content_length > limit:
-        raise ValueError(f"list response of {resp.content_length} bytes (limit {limit})")
+        raise ValueError(f"list response larger than {limit} bytes ({resp.content_length})")
     body = bytearray()
     async for chunk in resp.content.iter_chunked(READ_CHUNK):
         body += chunk

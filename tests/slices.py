@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ from aiohttp import web
 
 SLICES_PATH = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
 SELECTOR = "kubernetes.io/service-name=kubernetes"
+LIST_CHUNK = 64 * 1024
 
 
 @dataclass
@@ -174,3 +176,99 @@ def optional_client_cert_context(server: ssl.SSLContext, ca_file: str) -> ssl.SS
     server.verify_mode = ssl.CERT_OPTIONAL
     server.load_verify_locations(cafile=ca_file)
     return server
+
+
+def slice_object(name: str, addresses: list[Any], port: Any) -> dict[str, Any]:
+    """One EndpointSlice with every address ready on ``port`` (any JSON values allowed)."""
+    return {
+        "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": "default", "resourceVersion": "1"},
+        "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in addresses],
+        "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
+    }
+
+
+def list_body(*items: Any, version: str = "1") -> bytes:
+    """An EndpointSliceList document."""
+    doc = {"kind": "EndpointSliceList", "metadata": {"resourceVersion": version}, "items": items}
+    return json.dumps(doc).encode()
+
+
+@dataclass
+class ScriptedSlices:
+    """A hostile (or broken) control plane: every list and watch answers as scripted.
+
+    `list_body` is sent as is (any bytes); a watch answers `watch_status`, then sends
+    `watch_lines` and, with `hold_watch`, stays open until the test ends it. Every request
+    is recorded with its monotonic time, so tests can measure request rates.
+    """
+
+    list_body: bytes = field(default_factory=list_body)
+    list_status: int = 200
+    watch_status: int = 200
+    watch_lines: list[bytes] = field(default_factory=list)
+    hold_watch: bool = True
+    requests: list[tuple[float, bool]] = field(default_factory=list)  # (when, is_watch)
+    _release: asyncio.Event = field(default_factory=asyncio.Event)
+    _generation: int = 0  # serve() calls so far
+    _listed: int = 0  # the generation the last list answered with
+
+    def serve(self, body: bytes, *lines: bytes, watch_status: int = 200, hold: bool = True) -> None:
+        """Answer from now on with ``body`` for lists and ``lines`` for watches."""
+        self.list_body, self.watch_lines = body, list(lines)
+        self.watch_status, self.hold_watch = watch_status, hold
+        self._generation += 1
+        self.end_watches()
+
+    def end_watches(self) -> None:
+        """End every held watch."""
+        self._release.set()
+        self._release = asyncio.Event()
+
+    def count(self, since: float, until: float | None = None) -> int:
+        """Requests (lists and watches) received in [since, until)."""
+        return sum(1 for t, _ in self.requests if since <= t and (until is None or t < until))
+
+    def routes(self) -> list[web.RouteDef]:
+        """Routes to pass as a stand-in's `extra_routes`."""
+        return [web.get(SLICES_PATH, self._handle)]
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        watch = request.query.get("watch") in ("1", "true")
+        self.requests.append((time.monotonic(), watch))
+        if not watch:
+            self._listed = self._generation
+            return await self._send_list(request)
+        if self.watch_status != 200:
+            body = {"kind": "Status", "code": self.watch_status}
+            return web.json_response(body, status=self.watch_status)
+        resp = web.StreamResponse()
+        resp.content_type = "application/json"
+        await resp.prepare(request)
+        release = self._release
+        if self._listed != self._generation:
+            # What was listed changed since: end at once, as a real watch would deliver it.
+            return resp
+        try:
+            for line in self.watch_lines:
+                await resp.write(line)
+            if self.hold_watch:
+                await release.wait()
+        except ConnectionError:
+            pass  # kubeprism gave up on this watch: its business
+        return resp
+
+    async def _send_list(self, request: web.Request) -> web.StreamResponse:
+        # In chunks, so a 50 MB body neither stalls this stand-in nor is sent in full to a
+        # client that stopped reading.
+        body = self.list_body
+        resp = web.StreamResponse(status=self.list_status)
+        resp.content_type = "application/json"
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        try:
+            for start in range(0, len(body), LIST_CHUNK):
+                await resp.write(body[start : start + LIST_CHUNK])
+        except ConnectionError:
+            pass
+        return resp
