@@ -158,9 +158,6 @@ async def test_1_gone_on_every_watch_is_paced_logged_once_and_recovers(
         await still_serving(daemon, pki)
         plane.slices.serve(plane.good_list())
         await eventually(lambda: has(daemon, addr(plane.b)), 20, message="B discovered")
-        assert "EndpointSlice discovery recovered" in daemon.log() or await has(
-            daemon, addr(plane.b)
-        )
         no_traceback(daemon)
     finally:
         await daemon.astop()
