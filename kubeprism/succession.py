@@ -67,7 +67,7 @@ class Outgoing:
             sock.close()
 
 
-def prepare(
+def outgoing(
     frozen: Sequence[Frozen], listeners: Sequence[socket.socket], capacity: int
 ) -> Outgoing:
     """Name everything to hand over; connections over capacity are closed with a warning."""
@@ -114,7 +114,7 @@ def close_frozen(f: Frozen) -> None:
 
 def to_store(frozen: Sequence[Frozen], listeners: Sequence[socket.socket], capacity: int) -> int:
     """Push every connection into the service manager's descriptor store; return how many."""
-    out = prepare(frozen, listeners, capacity)
+    out = outgoing(frozen, listeners, capacity)
     sent = systemd.notify_many(systemd.store_messages(out.named))
     out.close()
     if sent < len(out.named):
@@ -159,7 +159,7 @@ async def check_successor(config_path: str | Path | None) -> str | None:
 
 def exec_in_place(frozen: Sequence[Frozen], listeners: Sequence[socket.socket]) -> NoReturn:
     """Replace this process by a fresh kubeprism (same PID) that takes everything over."""
-    out = prepare(frozen, listeners, EXEC_CAPACITY)
+    out = outgoing(frozen, listeners, EXEC_CAPACITY)
     logger.info(
         "re-executing with %d connection(s) and %d listener(s)", out.connections, len(listeners)
     )
