@@ -10,7 +10,7 @@ from pathlib import Path
 import uvloop
 import yaml
 
-from kubeprism import __version__, prepare, succession
+from kubeprism import __version__, prepare, readable, reloadcmd, succession
 from kubeprism import kubeconfig as kc
 from kubeprism import status as st
 from kubeprism.config import DEFAULT_CONFIG_PATH, ConfigError, config_to_dict
@@ -73,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
         "is valid; exit 2 with a message naming the bad key otherwise.",
     )
     _add_config_arg(check)
+    check.add_argument(
+        "--as-user",
+        metavar="USER",
+        help="also check that USER can read every file the config names, as the service "
+        "will run: 'dynamic' for the shipped unit (DynamicUser=yes), 'root' with the "
+        "kubelet-credentials drop-in (needs root)",
+    )
+    _add_reload_parser(sub)
     sub.add_parser("version", help="print the version")
     _add_status_parser(sub)
     _add_kubeconfig_parser(sub)
@@ -143,6 +151,23 @@ def _add_status_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         choices=("table", "json"),
         default="table",
         help="table for people (default), json (the /upstreams document) for scripts",
+    )
+
+
+def _add_reload_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "reload",
+        help="reload a running kubeprism's config and report the outcome (for ExecReload=)",
+        description="Send SIGHUP to --pid and wait until the reload counters on the admin "
+        "endpoint move. Exit 0: the new config is in use; 1: it was rejected (the running "
+        "config stays; the log names the bad key); 3: the outcome is unknown.",
+    )
+    parser.add_argument("--pid", type=int, required=True, help="kubeprism's PID ($MAINPID)")
+    parser.add_argument(
+        "--admin",
+        default=st.DEFAULT_ADMIN,
+        metavar="URL|HOST:PORT",
+        help=f"admin endpoint of the daemon (default: {st.DEFAULT_ADMIN})",
     )
 
 
@@ -225,7 +250,31 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     prepared = _prepared(args.config)
     if prepared is None:
         return EXIT_CONFIG
+    if args.as_user:
+        try:
+            files = readable.files_named(prepared, args.config)
+            problems = readable.unreadable(files, args.as_user)
+        except readable.CheckError as exc:
+            logger.error("%s", exc)
+            return EXIT_FAILURE
+        for path, why in problems.items():
+            logger.error("%s is not readable by user %s: %s", path, args.as_user, why)
+        if problems:
+            return EXIT_CONFIG
     sys.stdout.write(yaml.safe_dump(config_to_dict(prepared.cfg), sort_keys=False))
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """SIGHUP the daemon and wait for the outcome: 0 applied, 1 rejected, 3 unknown."""
+    try:
+        applied = reloadcmd.reload(args.pid, args.admin)
+    except reloadcmd.ReloadUnknown as exc:
+        logger.error("%s", exc)
+        return EXIT_STARTUP
+    if not applied:
+        logger.error("the new config was rejected; the running config stays (see its log)")
+        return EXIT_FAILURE
     return EXIT_OK
 
 
@@ -291,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_check_config(args)
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "reload":
+            return cmd_reload(args)
         if args.command == "kubeconfig":
             return cmd_kubeconfig(args)
         return cmd_run(args)

@@ -144,7 +144,7 @@ def test_units_match_the_daemon_defaults() -> None:
     sock = unit_settings(UNITS / "kubeprism.socket")
     assert service["Type"] == ["notify"]
     assert service["ExecStart"] == [f"/usr/local/bin/kubeprism run --config {DEFAULT_CONFIG_PATH}"]
-    assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert service["ExecReload"] == ["/usr/local/bin/kubeprism reload --pid $MAINPID"]
     assert service["CapabilityBoundingSet"] == [""]
     assert service["StateDirectory"] == ["kubeprism"]
     assert service["RestrictAddressFamilies"] == ["AF_INET AF_INET6 AF_UNIX"]

@@ -93,9 +93,10 @@ def write_kubelet_cert(
     return float(int(not_after.timestamp()))
 
 
-def write_kubelet_identity(box: SystemdContainer, pki: TestPKI, scratch: Path) -> None:
-    """A kubeadm-like kubelet.conf and kubelet-client-current.pem, root's 0600 files."""
-    write_kubelet_cert(box, pki, scratch)
+def write_kubeconfig(
+    box: SystemdContainer, target: str, cert: str = KUBELET_CERT, mode: str = "0600"
+) -> None:
+    """A kubeadm-like node kubeconfig at `target` using the client certificate+key `cert`."""
     kubeconfig = {
         "apiVersion": "v1",
         "kind": "Config",
@@ -110,12 +111,29 @@ def write_kubelet_identity(box: SystemdContainer, pki: TestPKI, scratch: Path) -
         "users": [
             {
                 "name": "node",
-                "user": {"client-certificate": KUBELET_CERT, "client-key": KUBELET_CERT},
+                "user": {"client-certificate": cert, "client-key": cert},
             }
         ],
     }
-    (scratch / "kubelet.conf").write_text(json.dumps(kubeconfig))
-    box.run("install", "-D", "-m", "0600", f"{SCRATCH}/kubelet.conf", KUBELET_CONF)
+    (scratch_dir(box) / "kubeconfig").write_text(json.dumps(kubeconfig))
+    box.run("install", "-D", "-m", mode, f"{SCRATCH}/kubeconfig", target)
+
+
+def write_kubelet_identity(box: SystemdContainer, pki: TestPKI, scratch: Path) -> None:
+    """A kubeadm-like kubelet.conf and kubelet-client-current.pem, root's 0600 files."""
+    write_kubelet_cert(box, pki, scratch)
+    write_kubeconfig(box, KUBELET_CONF)
+
+
+def install_config(box: SystemdContainer, text: str) -> None:
+    """Replace /etc/kubeprism/kubeprism.yaml."""
+    (scratch_dir(box) / "kubeprism.yaml").write_text(text)
+    box.run("install", "-D", "-m", "0644", f"{SCRATCH}/kubeprism.yaml", CONFIG_PATH)
+
+
+def restarts(box: SystemdContainer) -> int:
+    """How often systemd restarted kubeprism (Restart=always)."""
+    return int(unit_property(box, "NRestarts"))
 
 
 def publish(box: SystemdContainer, count: int) -> None:
@@ -168,12 +186,11 @@ def box(systemd_box: SystemdContainer, pki: TestPKI) -> Iterator[SystemdContaine
     """The module's container with API servers, the node identity, drop-in and config."""
     scratch = scratch_dir(systemd_box)
     (scratch / "pki").mkdir()
+    install_config(systemd_box, CONFIG)
     for name in ("ca.pem", "server.pem", "server-key.pem"):
         (scratch / "pki" / name).write_bytes((pki.paths.directory / name).read_bytes())
     write_kubelet_identity(systemd_box, pki, scratch)
-    (scratch / "kubeprism.yaml").write_text(CONFIG)
     systemd_box.sh(
-        f"install -D -m 0644 {SCRATCH}/kubeprism.yaml {CONFIG_PATH}\n"
         f"install -D -m 0644 {REPO_INSIDE}/deploy/systemd/kubeprism.service.d/"
         f"kubelet-credentials.conf {DROP_IN_DIR}/kubelet-credentials.conf\n"
         "systemctl daemon-reload\n"
@@ -240,6 +257,61 @@ def test_rotated_client_certificate_is_used_without_restart_or_reload(
     assert metric(running, "kubeprism_discovery_last_success_timestamp_seconds") > expires
 
 
+def test_reload_exit_status_says_whether_the_new_config_was_applied(
+    running: SystemdContainer,
+) -> None:
+    """ExecReload is `kubeprism reload`: `systemctl reload` fails when the config is rejected.
+
+    Before, ExecReload=/bin/kill -HUP returned 0 either way.
+    """
+    main_pid = unit_property(running, "MainPID")
+    try:
+        install_config(running, CONFIG + "logLevel: debug\n")
+        assert running.run("systemctl", "reload", "kubeprism", check=False).returncode == 0
+        install_config(running, CONFIG + "dialTimeout: soon\n")
+        bad = running.run("systemctl", "reload", "kubeprism", check=False)
+        assert bad.returncode != 0, bad
+        assert "dialTimeout" in running.journal()
+        assert unit_property(running, "ActiveState") == "active"
+        assert unit_property(running, "MainPID") == main_pid
+        assert metric(running, "kubeprism_config_reloads_total", result="failure") == 1
+    finally:
+        install_config(running, CONFIG)
+    assert running.run("systemctl", "reload", "kubeprism", check=False).returncode == 0
+
+
+def test_watchdog_restarts_a_wedged_process(running: SystemdContainer) -> None:
+    """WATCHDOG=1 comes from the event loop: a stopped process is killed and restarted."""
+    drop_in = f"{DROP_IN_DIR}/watchdog.conf"
+    running.sh(f"printf '[Service]\\nWatchdogSec=2s\\n' > {drop_in}\nsystemctl daemon-reload")
+    try:
+        running.run("systemctl", "restart", "kubeprism.service", timeout=60)
+        before, wedged = restarts(running), unit_property(running, "MainPID")
+        running.run("kill", "-STOP", wedged)
+        wait_for(lambda: restarts(running) > before, 30, 0.2, "a watchdog restart")
+        wait_for(lambda: unit_property(running, "ActiveState") == "active", 30, 0.2, "active")
+        assert unit_property(running, "MainPID") != wedged
+        assert "Watchdog timeout" in running.journal()
+    finally:
+        running.sh(f"rm -f {drop_in}\nsystemctl daemon-reload")
+        running.run("systemctl", "restart", "kubeprism.service", timeout=60)
+
+
+def test_check_config_as_the_service_user_catches_unreadable_credentials(
+    box: SystemdContainer,
+) -> None:
+    """The kubelet's 0600 files: fine for root (the drop-in), unreadable for a dynamic user.
+
+    Before, check-config (run as root) passed and the unit without the drop-in exited 2
+    once a second forever.
+    """
+    as_root = box.run("kubeprism", "check-config", "--as-user", "root", check=False)
+    assert as_root.returncode == 0, as_root.stderr
+    dynamic = box.run("kubeprism", "check-config", "--as-user", "dynamic", check=False)
+    assert dynamic.returncode == 2, dynamic
+    assert f"{KUBELET_CONF} is not readable by user dynamic" in dynamic.stderr
+
+
 def test_restart_under_load_refuses_nothing_and_does_not_wait_for_the_drain(
     running: SystemdContainer,
 ) -> None:
@@ -291,3 +363,29 @@ def test_stop_does_not_wait_for_the_drain(running: SystemdContainer) -> None:
     assert "ClientPayloadError" not in journal
     running.run("systemctl", "start", "kubeprism.service", timeout=60)
     assert unit_property(running, "ActiveState") == "active"
+
+
+def test_dynamic_user_keeps_the_endpoint_cache_in_its_state_directory(
+    running: SystemdContainer,
+) -> None:
+    """The shipped unit without the drop-in: a dynamic user, credentials readable by it, and
+    the 0600 endpoint cache in StateDirectory= (/var/lib/private/kubeprism)."""
+    identity = "/etc/kubeprism/node"
+    running.sh(
+        f"rm -f {DROP_IN_DIR}/kubelet-credentials.conf\nsystemctl daemon-reload\n"
+        f"install -D -m 0644 {KUBELET_CERT} {identity}/client.pem\n"
+    )
+    write_kubeconfig(running, f"{identity}/kubeconfig", f"{identity}/client.pem", "0644")
+    install_config(running, CONFIG.replace(KUBELET_CONF, f"{identity}/kubeconfig"))
+    running.run("kubeprism", "check-config", "--as-user", "dynamic")
+    running.run("systemctl", "restart", "kubeprism.service", timeout=60)
+    user = running.run("ps", "-o", "user=", "-p", unit_property(running, "MainPID")).stdout
+    assert user.strip() == "kubeprism"
+    uid = int(running.run("id", "-u", "kubeprism").stdout)
+    assert 61184 <= uid <= 65519  # systemd's DynamicUser= range
+    cache = "/var/lib/private/kubeprism/endpoints.json"
+    wait_for(lambda: running.run("test", "-s", cache, check=False).returncode == 0, 30, 0.2)
+    assert running.run("stat", "-c", "%a %u", cache).stdout.split() == ["600", str(uid)]
+    assert running.run("readlink", "/var/lib/kubeprism").stdout.strip() == "private/kubeprism"
+    cached = running.run("cat", cache).stdout
+    assert all(host in cached for host in SERVERS), cached
