@@ -112,13 +112,13 @@ def unit_settings(path: Path) -> dict[str, list[str]]:
 
 @pytest.fixture
 def units(tmp_path: Path) -> tuple[Path, Path]:
-    """Copies of the units whose ExecStart= names this venv's kubeprism (verify runs it)."""
+    """Copies of the units whose Exec*= name this venv's kubeprism (verify checks them)."""
     binary = Path(sys.executable).parent / "kubeprism"
     assert binary.exists(), binary
     service = tmp_path / "kubeprism.service"
     text = (UNITS / "kubeprism.service").read_text()
     assert "ExecStart=/usr/local/bin/kubeprism " in text
-    service.write_text(text.replace("ExecStart=/usr/local/bin/kubeprism ", f"ExecStart={binary} "))
+    service.write_text(text.replace("=/usr/local/bin/kubeprism ", f"={binary} "))
     sock = tmp_path / "kubeprism.socket"
     shutil.copy(UNITS / "kubeprism.socket", sock)
     return service, sock
