@@ -12,6 +12,7 @@ dropped, so in the worst case kubeprism behaves like the seeds alone.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import logging
@@ -114,9 +115,8 @@ class EndpointFilter:
 
     def refusal(self, address: HostPort) -> str | None:
         """Why discovery may not use this endpoint, or None when it may."""
-        try:
-            ip = ipaddress.ip_address(address.host)
-        except ValueError:
+        ip = _ip(address.host)
+        if ip is None:
             return "not an IP address"
         if self.is_own(address):
             return "kubeprism's own listen address"
@@ -140,6 +140,15 @@ class EndpointFilter:
         return address.port in self._own_ports and _is_loopback_host(address.host)
 
 
+@functools.lru_cache(maxsize=4096)
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    # Cached: a list is parsed, then screened, again on every change (~20 us each).
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
 def _fixed_refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
     if ip.is_unspecified:
         return "unspecified address"
@@ -153,17 +162,13 @@ def _fixed_refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | N
 
 
 def _is_unspecified(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_unspecified
-    except ValueError:
-        return False
+    ip = _ip(host)
+    return ip is not None and ip.is_unspecified
 
 
 def _is_loopback_host(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    ip = _ip(host)
+    return ip is not None and ip.is_loopback
 
 
 def _is_loopback_net(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
@@ -177,10 +182,9 @@ def parse_endpoint(host: object, port: object) -> HostPort:
     """
     if not isinstance(host, str) or len(host) > MAX_ADDRESS_TEXT:
         raise ValueError(f"bad address {host!r:.60}")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"not an IP address: {host!r}") from None
+    ip = _ip(host)
+    if ip is None:
+        raise ValueError(f"not an IP address: {host!r}")
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.scope_id is not None:
             raise ValueError(f"scoped address {host!r}")
@@ -197,7 +201,7 @@ class Screened:
 
     accepted: list[HostPort]
     refused: dict[HostPort, str]  # endpoint -> why
-    dropped: list[HostPort]  # allowed, but over the cap
+    dropped: list[HostPort]  # over the cap (not examined)
 
 
 def screen(candidates: Iterable[HostPort], allowed: EndpointFilter, cap: int) -> Screened:
@@ -205,13 +209,16 @@ def screen(candidates: Iterable[HostPort], allowed: EndpointFilter, cap: int) ->
     node keeps the same ones)."""
     refused: dict[HostPort, str] = {}
     ok: list[HostPort] = []
-    for address in sorted(set(candidates)):
+    ordered = sorted(set(candidates))
+    for i, address in enumerate(ordered):
+        if len(ok) == cap:  # the rest is not even examined: bounded work per change
+            return Screened(ok, refused, ordered[i:])
         why = allowed.refusal(address)
         if why is None:
             ok.append(address)
         else:
             refused[address] = why
-    return Screened(ok[:cap], refused, ok[cap:])
+    return Screened(ok, refused, [])
 
 
 def merge(

@@ -27,6 +27,7 @@ from kubeprism.credentials import Credentials, load_credentials
 from kubeprism.net import HostPort
 from kubeprism.sliceparse import (
     MAX_LIST_BYTES,
+    EndpointParse,
     Gone,
     LineSplitter,
     SliceSet,
@@ -57,6 +58,8 @@ MAX_REQUESTS_PER_SECOND = 1.0
 REQUEST_BURST = 3  # a list and its watch at once, and one retry
 LIST_TIMEOUT = 30.0
 READ_CHUNK = 64 * 1024
+# Addresses parsed between two turns of the event loop (~1 ms).
+PARSE_STEP = 50
 
 
 # Values of the `reason` label of kubeprism_discovery_errors_total.
@@ -222,7 +225,7 @@ class SliceWatcher:
         version = self.state.replace(json.loads(body))
         self.last_error = None  # the API answers; the episode ends only with progress
         self._log_bad_objects()
-        self._changed()
+        await self._changed()
         return version
 
     async def _watch(self, session: aiohttp.ClientSession, version: str) -> tuple[str, int]:
@@ -245,17 +248,22 @@ class SliceWatcher:
                     version = new_version or version
                     if changed:
                         changes += 1
-                        self._changed()
+                        await self._changed()
         return version, changes
 
-    def _changed(self) -> None:
+    async def _changed(self) -> None:
         """Apply after `debounce` of quiet: restarts flap the slice within seconds.
 
         A list or event that leaves the endpoint set as it is does not restart the wait,
         or a server re-sending the same list every second would keep anything from
         ever being applied.
         """
-        endpoints, invalid = self.state.endpoints()
+        parse = EndpointParse(self.state.slices)
+        done = parse.advance(PARSE_STEP)
+        while not done:
+            await asyncio.sleep(0)  # a big list must not hold the event loop
+            done = parse.advance(PARSE_STEP)
+        endpoints, invalid = parse.found, parse.invalid
         if invalid != self.invalid:
             if invalid:
                 logger.warning(

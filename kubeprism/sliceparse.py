@@ -8,6 +8,7 @@ watch. Pure: no sockets, no clock.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -17,14 +18,16 @@ from kubeprism.discovery import parse_endpoint
 from kubeprism.net import HostPort
 
 # A real `kubernetes` EndpointSlice list is a few KiB (one slice per address family, a
-# handful of API servers); 1 MiB parses in a few ms and is far beyond any real one.
-MAX_LIST_BYTES = 1 << 20
+# handful of API servers); 256 KiB is far beyond any real one and still parses in a few
+# ms (json.loads cannot yield to the event loop part-way).
+MAX_LIST_BYTES = 256 * 1024
 # One watch event is one slice: the same bound.
-MAX_EVENT_BYTES = 1 << 20
+MAX_EVENT_BYTES = 256 * 1024
 # Slices remembered at most; a real cluster has one or two for this service.
 MAX_SLICES = 100
-# Addresses examined per list at most (the endpoint cap applies later, after the filter).
-MAX_ADDRESSES = 10_000
+# Addresses examined at most (Kubernetes itself puts at most 1,000 in one slice); the
+# endpoint cap applies later, after the filter.
+MAX_ADDRESSES = 1000
 
 
 class Gone(Exception):
@@ -108,17 +111,34 @@ def slice_endpoints(
     slices: Mapping[str, Mapping[str, Any]],
 ) -> tuple[set[HostPort], dict[str, str]]:
     """Ready addresses with their slice's https port; invalid entries separately."""
-    found: set[HostPort] = set()
-    invalid: dict[str, str] = {}
-    for seen, (host, port) in enumerate(_ready_addresses(slices)):
-        if seen >= MAX_ADDRESSES:
-            invalid["..."] = f"more than {MAX_ADDRESSES} addresses; the rest not read"
-            break
-        try:
-            found.add(parse_endpoint(host, port))
-        except ValueError as exc:
-            invalid[f"{host!r:.60} port {port!r:.20}"] = str(exc)
-    return found, invalid
+    parse = EndpointParse(slices)
+    while not parse.advance(MAX_ADDRESSES):
+        pass
+    return parse.found, parse.invalid
+
+
+class EndpointParse:
+    """slice_endpoints() in steps, so that an event loop can run between them."""
+
+    def __init__(self, slices: Mapping[str, Mapping[str, Any]]) -> None:
+        self.found: set[HostPort] = set()
+        self.invalid: dict[str, str] = {}
+        self._addresses = _ready_addresses(slices)
+        self._seen = 0
+
+    def advance(self, step: int) -> bool:
+        """Parse up to ``step`` more addresses; True once every address was seen."""
+        for host, port in itertools.islice(self._addresses, step):
+            if self._seen >= MAX_ADDRESSES:
+                self.invalid["..."] = f"more than {MAX_ADDRESSES} addresses; the rest not read"
+                return True
+            self._seen += 1
+            try:
+                self.found.add(parse_endpoint(host, port))
+            except ValueError as exc:
+                self.invalid[f"{host!r:.60} port {port!r:.20}"] = str(exc)
+            step -= 1
+        return step > 0
 
 
 def _ready_addresses(slices: Mapping[str, Mapping[str, Any]]) -> Iterator[tuple[object, object]]:
