@@ -28,14 +28,34 @@ DEFAULT_CONFIG_PATH = "/etc/kubeprism/kubeprism.yaml"
 # Loopback on both families: clients resolving "localhost" to ::1 first must work too.
 DEFAULT_LISTEN = ("127.0.0.1:7445", "[::1]:7445")
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:7446"
-# /readyz (not /healthz) because it turns 500 when etcd breaks behind a live apiserver.
-DEFAULT_HEALTH_PATH = "/readyz"
+# /readyz (not /healthz) because it turns 500 when etcd breaks behind a live apiserver;
+# ?verbose because its ~1.6 KB answer needs a full-size segment, so a path that drops
+# those (an MTU black hole) fails the check instead of passing it.
+DEFAULT_HEALTH_PATH = "/readyz?verbose"
 # A SAN every kube-apiserver certificate carries, so probes of IP endpoints verify.
 DEFAULT_SERVER_NAME = "kubernetes"
-# 1 s probes with 2 failures to trip: a dead server is out in ~2-3 s, well inside
-# the ~40 s after which the node lifecycle controller marks the node NotReady.
-DEFAULT_INTERVAL = 1.0
+# Readiness every 5 s on a kept-alive connection: <= 0.2 requests/s per node per API
+# server (the fleet's cost budget). Speed comes from the fast pace below, taken on any
+# sign of trouble, and from the kernel's liveness checks on the health connection.
+DEFAULT_INTERVAL = 5.0
+# While something is changing (a sign, a failure, a recovery), check this often: a
+# broken server is out ~one timeout + fastInterval after the first sign.
+DEFAULT_FAST_INTERVAL = 0.25
+# Checks of a server that is down back off from fastInterval up to this: a server that
+# returns is used again within ~1 s; refused connects cost its host nothing.
+DEFAULT_UNHEALTHY_INTERVAL = 1.0
 DEFAULT_TIMEOUT = 0.8
+# An unset timeout is at most this share of the interval (a short interval just works).
+TIMEOUT_SHARE = 0.8
+# Keepalive probes every second on the idle health connection and TCP_USER_TIMEOUT 2 s:
+# a silent path kills it 1-2 s after the last answer, at no API-server process cost.
+DEFAULT_LIVENESS_TIMEOUT = 2.0
+# A forwarded connection whose client sent a request that got no byte back for this long
+# is a passive sign (an MTU black hole, a hung server): check its server at once. Measured
+# in the fault suite's MTU scenario: at 1 s the black hole was out after 2.5-2.7 s (too
+# close to the 3 s target); 500 ms leaves room. A false alarm (a slow LIST) costs one check
+# on the kept-alive connection, far less than the slow request that caused it.
+DEFAULT_STALL_TIMEOUT = 0.5
 DEFAULT_HEALTHY_THRESHOLD = 1
 DEFAULT_UNHEALTHY_THRESHOLD = 2
 # One lost SYN is retransmitted after 1 s; failing over to the next endpoint then is
@@ -122,7 +142,11 @@ class HealthCheckConfig:
     client_key_file: str | None = None
     healthy_threshold: int = DEFAULT_HEALTHY_THRESHOLD
     unhealthy_threshold: int = DEFAULT_UNHEALTHY_THRESHOLD
-    keep_alive: bool = False
+    keep_alive: bool = True
+    fast_interval: float = DEFAULT_FAST_INTERVAL
+    unhealthy_interval: float = DEFAULT_UNHEALTHY_INTERVAL
+    liveness_timeout: float = DEFAULT_LIVENESS_TIMEOUT
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,8 +408,9 @@ def _listen_list(key: str, value: object) -> tuple[HostPort, ...]:
 
 def _health_check(section: _Section) -> HealthCheckConfig:
     interval = section.get("interval", _positive_duration, DEFAULT_INTERVAL)
-    # An unset timeout follows a shorter interval, so setting only the interval just works.
-    default_timeout = min(DEFAULT_TIMEOUT, interval * DEFAULT_TIMEOUT / DEFAULT_INTERVAL)
+    # Unset values follow a shorter interval, so setting only the interval just works.
+    default_timeout = min(DEFAULT_TIMEOUT, interval * TIMEOUT_SHARE)
+    fast = section.get("fastInterval", _positive_duration, min(DEFAULT_FAST_INTERVAL, interval))
     hc = HealthCheckConfig(
         type=section.get("type", _choice("https", "tcp"), "https"),  # type: ignore[arg-type]
         path=section.get("path", _url_path, DEFAULT_HEALTH_PATH),
@@ -395,7 +420,17 @@ def _health_check(section: _Section) -> HealthCheckConfig:
         server_name=section.get("serverName", _str, DEFAULT_SERVER_NAME),
         client_cert_file=section.get("clientCertFile", _readable_file, None),
         client_key_file=section.get("clientKeyFile", _readable_file, None),
-        keep_alive=section.get("keepAlive", _bool, False),
+        keep_alive=section.get("keepAlive", _bool, True),
+        fast_interval=fast,
+        unhealthy_interval=section.get(
+            "unhealthyInterval",
+            _positive_duration,
+            max(fast, min(DEFAULT_UNHEALTHY_INTERVAL, interval)),
+        ),
+        liveness_timeout=section.get(
+            "livenessTimeout", _positive_duration, DEFAULT_LIVENESS_TIMEOUT
+        ),
+        stall_timeout=section.get("stallTimeout", parse_duration, DEFAULT_STALL_TIMEOUT),
         healthy_threshold=section.get(
             "healthyThreshold", _int_in(1, 100), DEFAULT_HEALTHY_THRESHOLD
         ),
@@ -410,10 +445,26 @@ def _health_check(section: _Section) -> HealthCheckConfig:
             f"{hc.timeout:g}s must be shorter than healthCheck.interval ({hc.interval:g}s), "
             "or probes would overlap",
         )
+    _check_paces(section, hc)
     if (hc.client_cert_file is None) != (hc.client_key_file is None):
         missing = "clientKeyFile" if hc.client_key_file is None else "clientCertFile"
         raise ConfigError(section.key(missing), "clientCertFile and clientKeyFile go together")
     return hc
+
+
+def _check_paces(section: _Section, hc: HealthCheckConfig) -> None:
+    if hc.fast_interval > hc.interval:
+        raise ConfigError(
+            section.key("fastInterval"),
+            f"{hc.fast_interval:g}s must not be longer than healthCheck.interval "
+            f"({hc.interval:g}s): it is the pace used while something looks wrong",
+        )
+    if hc.unhealthy_interval < hc.fast_interval:
+        raise ConfigError(
+            section.key("unhealthyInterval"),
+            f"{hc.unhealthy_interval:g}s must not be shorter than healthCheck.fastInterval "
+            f"({hc.fast_interval:g}s): checks of a down server back off from one to the other",
+        )
 
 
 def _keepalive(section: _Section) -> KeepaliveConfig:
@@ -652,6 +703,10 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
             "healthyThreshold": hc.healthy_threshold,
             "unhealthyThreshold": hc.unhealthy_threshold,
             "keepAlive": hc.keep_alive,
+            "fastInterval": _duration_text(hc.fast_interval),
+            "unhealthyInterval": _duration_text(hc.unhealthy_interval),
+            "livenessTimeout": _duration_text(hc.liveness_timeout),
+            "stallTimeout": _duration_text(hc.stall_timeout),
         },
         "dialTimeout": _duration_text(cfg.dial_timeout),
         "forwarding": cfg.forwarding,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import socket
 import struct
 from collections.abc import Callable
@@ -14,6 +15,9 @@ from kubeprism.splice import ByteCounter, Pump, PumpContext
 
 # SO_LINGER {on, 0 s}: close with RST, so a dead upstream leaves no FIN_WAIT behind.
 _LINGER_RST = struct.pack("ii", 1, 0)
+# Errors on the upstream side of a forwarded connection that hint at the server or the
+# path (a passive health sign); a FIN is not one: HTTP/1.1 servers close first routinely.
+_UPSTREAM_TROUBLE = {errno.ECONNRESET, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}
 
 
 class CloseReason(enum.Enum):
@@ -48,6 +52,7 @@ class ConnectionContext:
     to_upstream: ByteCounter
     to_client: ByteCounter
     forget: Callable[[Connection], None]  # called once, when the connection closes
+    sign: Callable[[HostPort, str], None] = lambda _a, _why: None  # passive health signs
 
 
 class Connection:
@@ -55,6 +60,7 @@ class Connection:
 
     __slots__ = (
         "_forget",
+        "_sign",
         "address",
         "client",
         "closed",
@@ -71,7 +77,7 @@ class Connection:
         upstream: socket.socket,
         address: HostPort,
     ) -> None:
-        self._forget = ctx.forget
+        self._forget, self._sign = ctx.forget, ctx.sign
         self.client, self.upstream, self.address = client, upstream, address
         self.closed = False
         # Bytes moved at the last sweep that saw a change, and when that sweep ran.
@@ -111,6 +117,8 @@ class Connection:
 
     def _done(self, pump: Pump, exc: OSError | None) -> None:
         # A reset or write error ends the whole connection; a FIN ends one direction.
+        if exc is not None and pump is self.pumps[1] and exc.errno in _UPSTREAM_TROUBLE:
+            self._sign(self.address, f"forwarded connection failed: {exc.strerror}")
         if exc is not None or all(p.done for p in self.pumps):
             self.close()
 

@@ -22,13 +22,16 @@ from aiohttp import web
 
 from kubeprism import handover, prepare, succession, systemd
 from kubeprism.admin import AdminSite, admin_app, admin_runner
-from kubeprism.config import Config, ConfigError
+from kubeprism.cadence import Intervals
+from kubeprism.config import Config, ConfigError, HealthCheckConfig
 from kubeprism.connection import CloseReason, Frozen
-from kubeprism.health import HealthChecker, HttpsProbe, TcpProbe
+from kubeprism.health import HealthChecker, HealthCost, TcpProbe
+from kubeprism.healthconn import HttpsProbe
 from kubeprism.logs import set_level
 from kubeprism.membership import Membership
 from kubeprism.metrics import Metrics
 from kubeprism.net import HostPort
+from kubeprism.passive import StallWatch
 from kubeprism.prepare import Prepared
 from kubeprism.proxy import Proxy, ProxySettings
 from kubeprism.upstream import Health, Pool, Transition
@@ -98,6 +101,11 @@ def _own(cfg: Config) -> tuple[HostPort, ...]:
     return (*cfg.listen, *([cfg.admin.listen] if cfg.admin.listen else []))
 
 
+def intervals(hc: HealthCheckConfig) -> Intervals:
+    """The checker's paces."""
+    return Intervals(hc.interval, hc.fast_interval, hc.unhealthy_interval)
+
+
 class Daemon:
     """One running kubeprism: pool, checker, discovery, proxy and admin server."""
 
@@ -106,7 +114,9 @@ class Daemon:
         # (exit 2) before anything is bound.
         self.cfg = prepared.cfg
         self.credentials = prepared.credentials
-        self.probe = prepared.probe
+        # What the checks cost, per endpoint: kept across the probes each reload brings.
+        self.cost = HealthCost()
+        self.probe = self._adopt(prepared.probe)
         self.config_path = config_path
         self.listeners: list[socket.socket] = []
         self.admin_socket: socket.socket | None = None
@@ -165,8 +175,13 @@ class Daemon:
             loop, self.pool, proxy_settings(cfg), self._on_transition, self.metrics.observe_dial
         )
         self.metrics.watch(self.pool, self.proxy)
+        self.metrics.watch_health(self.cost)
         self.checker = HealthChecker(
-            self.pool, self.probe, hc.interval, self._on_transition, self.metrics.observe_probe
+            self.pool, self.probe, intervals(hc), self._on_transition, self.metrics.observe_probe
+        )
+        self.stalls = StallWatch(hc.stall_timeout, self.pool.sign)
+        self._stall_task = loop.create_task(
+            self.stalls.run(self.proxy.connections, time.monotonic), name="stall sweeper"
         )
         self.membership = Membership(self.pool, self.checker.sync, self._retire)
         self.membership.configure(
@@ -312,12 +327,24 @@ class Daemon:
         self.proxy.update(proxy_settings(new))
         # Always the new probe: it holds the CA and client certificate as the files are now.
         self._close_later(self.probe, old.health_check.timeout + 1)
-        self.probe = self.checker.probe = prepared.probe
-        self.checker.interval = hc.interval
+        self.probe = self.checker.probe = self._adopt(prepared.probe)
+        self.checker.set_intervals(intervals(hc))
+        self.stalls.timeout = hc.stall_timeout
         self.membership.configure(
             new.upstreams, new.discovery, prepared.credentials, new.listen[0], _own(new)
         )
         self.membership.start()
+
+    def _adopt(self, probe: HttpsProbe | TcpProbe) -> HttpsProbe | TcpProbe:
+        """Count the probe's cost with the daemon's, and hear of lost health connections."""
+        probe.cost = self.cost
+        if isinstance(probe, HttpsProbe):
+            probe.on_lost = self._health_connection_lost
+        return probe
+
+    def _health_connection_lost(self, address: HostPort, reason: str, failure: bool) -> None:
+        # A method, not the checker's own: the first probe is made before the checker.
+        self.checker.connection_lost(address, reason, failure)
 
     def _close_later(self, probe: HttpsProbe | TcpProbe, delay: float) -> None:
         task = asyncio.create_task(_close_after(probe, delay), name="close replaced probe")
@@ -390,7 +417,8 @@ class Daemon:
         left = self.proxy.close_all()
         if left:
             logger.info("closed %d connection(s) still open after draining", left)
-        for task in (self._reload_task, self._watchdog_task, self._reexec_task, *self._retiring):
+        tasks = (self._reload_task, self._watchdog_task, self._reexec_task, self._stall_task)
+        for task in (*tasks, *self._retiring):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

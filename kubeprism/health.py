@@ -1,36 +1,31 @@
-"""Active health checks: one jittered probe loop per endpoint, feeding upstream.Pool.
+"""Active health checks: one probe loop per endpoint, paced by cadence.py, feeding upstream.Pool.
 
-Probes run concurrently (a slow endpoint never delays the others), each bounded
-by its timeout. Only state *changes* are logged, with the reason, because a
-node logs every second otherwise.
+Probes run concurrently (a slow endpoint never delays the others), each bounded by its
+timeout. Passive signs (``sign``: a failed dial, a reset or stalled forwarded connection,
+a changed endpoint set) and the loss of an endpoint's health connection
+(``connection_lost``) wake its loop early. Only state *changes* are logged, with the
+reason, because a node would log every few seconds otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
-import aiohttp
-
-from kubeprism.config import HealthCheckConfig, file_named_by
+from kubeprism.cadence import Cadence, Intervals
 from kubeprism.net import LOCAL_ERRNOS, HostPort
 from kubeprism.upstream import Pool, Transition
 
 logger = logging.getLogger(__name__)
 
-# +/-10 % on every wait so thousands of nodes drift apart instead of probing in step.
-JITTER = 0.1
-# While an endpoint is in doubt (a failure not yet enough to mark it down, or a success
-# not yet enough to bring it back), check again after this fraction of the interval:
-# detection takes ~1 interval instead of `threshold` intervals, and the extra probes
-# happen only while something is actually changing.
-RECHECK_FRACTION = 0.25
 # Keep a reason short enough for a log line and a /upstreams cell.
 MAX_REASON = 160
 
@@ -45,43 +40,66 @@ class ProbeResult:
     local: bool = False  # failed on this host (out of fds, ...): no verdict on the endpoint
 
 
-Probe = Callable[[HostPort], Awaitable[ProbeResult]]
+@dataclass
+class HealthCost:
+    """What the checks cost the API servers, per endpoint: read by the metrics at scrape
+    time, and kept across probe replacements (a reload)."""
+
+    handshakes: collections.Counter[HostPort] = field(default_factory=collections.Counter)
+    requests: collections.Counter[HostPort] = field(default_factory=collections.Counter)
+
+
+class Probe(Protocol):
+    """One check of one endpoint; ``forget`` drops what is kept for a removed endpoint."""
+
+    async def __call__(self, address: HostPort) -> ProbeResult: ...
+
+    def forget(self, address: HostPort) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 ProbeObserver = Callable[[HostPort, float, bool], None]
+# Sleep for the delay unless the event is set first; True when woken by the event.
+Waiter = Callable[[asyncio.Event, float], Awaitable[bool]]
 
 
-def _short(text: str) -> str:
+async def wait_or_wake(event: asyncio.Event, delay: float) -> bool:
+    """The real Waiter."""
+    try:
+        async with asyncio.timeout(delay):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
+def short(text: str) -> str:
+    """One line of at most MAX_REASON characters."""
     text = " ".join(text.split())
     return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
 
 
 def describe_error(exc: BaseException, timeout: float) -> str:
     """A reason a person can act on: refused, timed out, which TLS problem."""
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+    if isinstance(exc, TimeoutError):
         return f"timed out after {timeout:g}s"
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+    if isinstance(exc, ssl.SSLCertVerificationError):
         # verify_message is the actionable part ("Hostname mismatch, ... 'name'"); the full
         # text's "[SSL: CERTIFICATE_VERIFY_FAILED] ..." prefix pushed it past MAX_REASON.
-        cert_error = exc.certificate_error
-        detail = getattr(cert_error, "verify_message", None) or cert_error
-        return _short(f"TLS certificate rejected: {detail}")
-    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
-        return _short(f"TLS error: {exc}")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        os_error = exc.os_error
-        if isinstance(os_error, ConnectionRefusedError):
-            return "connection refused"
-        return _short(f"connect failed: {os_error.strerror or os_error}")
+        return short(f"TLS certificate rejected: {exc.verify_message or exc}")
+    if isinstance(exc, ssl.SSLError):
+        return short(f"TLS error: {exc}")
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
     if isinstance(exc, OSError):
-        return _short(f"connect failed: {exc.strerror or exc}")
-    return _short(f"{type(exc).__name__}: {exc}")
+        return short(f"connect failed: {exc.strerror or exc}")
+    return short(f"{type(exc).__name__}: {exc}")
 
 
 def is_local_error(exc: BaseException) -> bool:
     """True when the error is this host's (EMFILE, ENOMEM, ...), not the endpoint's."""
-    os_error = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
-    return isinstance(os_error, OSError) and os_error.errno in LOCAL_ERRNOS
+    return isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS
 
 
 def failed(exc: BaseException, timeout: float) -> ProbeResult:
@@ -89,74 +107,16 @@ def failed(exc: BaseException, timeout: float) -> ProbeResult:
     return ProbeResult(False, None, describe_error(exc, timeout), is_local_error(exc))
 
 
-def client_ssl_context(hc: HealthCheckConfig) -> ssl.SSLContext:
-    """Verify API server certificates against caFile (or the system CAs); ConfigError if bad."""
-    with file_named_by("healthCheck.caFile", hc.ca_file):
-        ctx = ssl.create_default_context(cafile=hc.ca_file)
-    if hc.client_cert_file and hc.client_key_file:
-        files = f"{hc.client_cert_file} and {hc.client_key_file}"
-        with file_named_by("healthCheck.clientCertFile", files):
-            ctx.load_cert_chain(hc.client_cert_file, hc.client_key_file)
-    return ctx
-
-
-class HttpsProbe:
-    """TLS handshake verifying the CA and serverName, then GET path; 200 is healthy."""
-
-    def __init__(self, hc: HealthCheckConfig) -> None:
-        self.hc = hc
-        self._ssl = client_ssl_context(hc)
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            # By default a fresh connection (TCP + TLS handshake) per probe: it checks the
-            # whole path a new client takes. keepAlive reuses one, which spares the API
-            # server a handshake per node per interval (see the README's capacity note);
-            # a dead path is still caught, by the probe's timeout.
-            if self.hc.keep_alive:
-                connector = aiohttp.TCPConnector(
-                    ssl=self._ssl, limit=0, keepalive_timeout=self.hc.interval * 3
-                )
-            else:
-                connector = aiohttp.TCPConnector(ssl=self._ssl, force_close=True, limit=0)
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=aiohttp.ClientTimeout(total=self.hc.timeout)
-            )
-        return self._session
-
-    async def __call__(self, address: HostPort) -> ProbeResult:
-        started = time.monotonic()
-        url = f"https://{address}{self.hc.path}"
-        try:
-            async with self._client().get(
-                url, server_hostname=self.hc.server_name, allow_redirects=False
-            ) as resp:
-                body = await resp.content.read(512)
-                status = resp.status
-        except (aiohttp.ClientError, OSError, TimeoutError, ssl.SSLError) as exc:
-            return failed(exc, self.hc.timeout)
-        latency = time.monotonic() - started
-        if status == 200:
-            return ProbeResult(True, latency, "ok")
-        text = body.decode("utf-8", "replace").strip()
-        return ProbeResult(False, latency, _short(f"HTTP {status} from {self.hc.path}: {text}"))
-
-    async def close(self) -> None:
-        """Close the HTTP client."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-
 class TcpProbe:
     """Connect only; the latency is the connect time."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, cost: HealthCost | None = None) -> None:
         self.timeout = timeout
+        self.cost = cost if cost is not None else HealthCost()
 
     async def __call__(self, address: HostPort) -> ProbeResult:
         started = time.monotonic()
+        self.cost.handshakes[address] += 1
         try:
             async with asyncio.timeout(self.timeout):
                 _reader, writer = await asyncio.open_connection(address.host, address.port)
@@ -168,8 +128,20 @@ class TcpProbe:
             await writer.wait_closed()
         return ProbeResult(True, latency, "ok")
 
+    def forget(self, address: HostPort) -> None:
+        """Nothing is kept per endpoint."""
+
     async def close(self) -> None:
         """Nothing to release."""
+
+
+@dataclass
+class _Loop:
+    """One endpoint's probe loop: its task, schedule and wake-up call."""
+
+    cadence: Cadence
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
 
 
 class HealthChecker:
@@ -179,20 +151,21 @@ class HealthChecker:
         self,
         pool: Pool,
         probe: Probe,
-        interval: float,
+        intervals: Intervals,
         on_transition: Callable[[Transition], None],
         observe: ProbeObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        wait: Waiter = wait_or_wake,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self.pool = pool
+        pool.on_sign = self.sign  # passive signs reported to the pool wake a loop here
         self.probe = probe
-        self.interval = interval
+        self.intervals = intervals
         self._on_transition = on_transition
         self._observe = observe or (lambda _a, _s, _ok: None)
-        self._clock, self._sleep, self._rand = clock, sleep, rand
-        self._tasks: dict[HostPort, asyncio.Task[None]] = {}
+        self._clock, self._wait, self._rand = clock, wait, rand
+        self._loops: dict[HostPort, _Loop] = {}
         # Loops cancelled by sync() but not finished yet: stop() must wait for them too.
         self._retired: set[asyncio.Task[None]] = set()
         self._first = asyncio.Event()
@@ -201,18 +174,47 @@ class HealthChecker:
 
     def sync(self) -> None:
         """Start loops for new endpoints and stop those of removed ones."""
-        for address in list(self._tasks):
+        for address in list(self._loops):
             if address not in self.pool.endpoints:
-                task = self._tasks.pop(address)
+                task = self._loops.pop(address).task
+                assert task is not None
                 task.cancel()
                 self._retired.add(task)
                 task.add_done_callback(self._retired.discard)
+                self.probe.forget(address)
         for address in self.pool.endpoints:
-            if address not in self._tasks:
-                self._tasks[address] = asyncio.get_running_loop().create_task(
-                    self._loop(address), name=f"health {address}"
+            if address not in self._loops:
+                loop = self._loops[address] = _Loop(Cadence(self.intervals))
+                loop.task = asyncio.get_running_loop().create_task(
+                    self._run(address, loop), name=f"health {address}"
                 )
         self._update_first()
+
+    def set_intervals(self, intervals: Intervals) -> None:
+        """New paces (a reload); each loop takes them at its next wait."""
+        self.intervals = intervals
+        for loop in self._loops.values():
+            loop.cadence.intervals = intervals
+
+    def sign(self, address: HostPort, reason: str, urgent: bool = False) -> None:
+        """A passive sign that something may be wrong with ``address``: check it soon."""
+        loop = self._loops.get(address)
+        if loop is None:
+            return
+        logger.debug("checking %s sooner: %s", address, reason)
+        loop.cadence.on_sign(self._clock(), urgent)
+        loop.wake.set()
+
+    def connection_lost(self, address: HostPort, reason: str, failure: bool) -> None:
+        """The health connection to ``address`` ended between checks.
+
+        A reset or a keepalive timeout counts as a failed check (the endpoint becomes
+        suspect at once); an orderly close may be the server's idle timeout and is no
+        failure. Either way the endpoint is checked again at once, over a fresh connection.
+        """
+        if failure:
+            self._record(address, ProbeResult(False, None, reason))
+        self.sign(address, reason, urgent=True)
 
     def _update_first(self) -> None:
         if all(ep.probes for ep in self.pool.endpoints.values()):
@@ -227,23 +229,27 @@ class HealthChecker:
             return False
         return True
 
-    async def check_once(self, address: HostPort) -> None:
+    async def check_once(self, address: HostPort) -> ProbeResult:
         """Probe one endpoint now and record the result."""
         started = self._clock()
         try:
             result = await self.probe(address)
         except Exception as exc:  # a probe bug counts as a failed probe, and checking goes on
             logger.debug("probe of %s raised", address, exc_info=True)
-            result = ProbeResult(False, None, _short(f"probe error: {type(exc).__name__}: {exc}"))
+            result = ProbeResult(False, None, short(f"probe error: {type(exc).__name__}: {exc}"))
         if result.local:
             if address not in self._local_failures:
                 logger.warning(
                     "cannot probe %s: %s (a local limit, not the endpoint)", address, result.reason
                 )
             self._local_failures.add(address)
-            return
+            return result
         self._local_failures.discard(address)
         self._observe(address, self._clock() - started, result.ok)
+        self._record(address, result)
+        return result
+
+    def _record(self, address: HostPort, result: ProbeResult) -> None:
         transition = self.pool.record_probe(
             address, result.ok, result.latency, result.reason, self._clock()
         )
@@ -251,27 +257,39 @@ class HealthChecker:
         if transition is not None:
             self._on_transition(transition)
 
-    async def _loop(self, address: HostPort) -> None:
+    async def _run(self, address: HostPort, loop: _Loop) -> None:
+        delay = 0.0  # the first check at once: start-up waits for it
         while True:
+            await self._pause(loop, delay)
             started = self._clock()
+            local = False
             try:
-                await self.check_once(address)
+                local = (await self.check_once(address)).local
             except Exception:  # a checker bug must not stop checking
                 logger.exception("health check of %s failed unexpectedly", address)
-            jitter = 1 + JITTER * (2 * self._rand() - 1)
             ep = self.pool.endpoints.get(address)
-            wait = self.interval * (RECHECK_FRACTION if ep is not None and ep.in_doubt else 1)
-            await self._sleep(max(0.0, wait * jitter - (self._clock() - started)))
+            delay = loop.cadence.after_check(started, self._clock(), ep, local, self._rand())
+
+    async def _pause(self, loop: _Loop, delay: float) -> None:
+        """Wait ``delay``, cut short by a passive sign asking for an earlier check."""
+        deadline = self._clock() + delay
+        while True:
+            now = self._clock()
+            delay = deadline - now
+            asked = loop.cadence.wait_for_sign(now)
+            if asked is not None:
+                delay = min(delay, asked)
+            if delay <= 0:
+                return
+            loop.wake.clear()
+            if not await self._wait(loop.wake, delay):
+                return
 
     async def stop(self) -> None:
         """Cancel every probe loop and wait for them."""
-        tasks = [*self._tasks.values(), *self._retired]
-        self._tasks.clear()
+        tasks = [loop.task for loop in self._loops.values() if loop.task is not None]
+        tasks += self._retired
+        self._loops.clear()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def make_probe(hc: HealthCheckConfig) -> HttpsProbe | TcpProbe:
-    """The probe the config asks for."""
-    return HttpsProbe(hc) if hc.type == "https" else TcpProbe(hc.timeout)

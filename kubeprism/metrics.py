@@ -28,6 +28,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from kubeprism import __version__
+from kubeprism.health import HealthCost
 from kubeprism.kubewatch import ERROR_REASONS
 from kubeprism.membership import Membership
 from kubeprism.net import HostPort
@@ -111,6 +112,10 @@ class Metrics:
         self.dials.forget(address)
         self.probes.forget(address)
 
+    def watch_health(self, cost: HealthCost) -> None:
+        """Expose what the health checks cost the API servers, read at scrape time."""
+        self.registry.register(HealthCostCollector(cost))
+
     def reloaded(self, ok: bool) -> None:
         """Count one reload attempt."""
         self.reloads.labels(Result.of(ok).value).inc()
@@ -174,6 +179,27 @@ class HistogramCollector(Collector):
 def _endpoint_then_result(item: tuple[tuple[HostPort, Result], _Buckets]) -> tuple[str, str]:
     (address, result), _ = item
     return str(address), result.value
+
+
+class HealthCostCollector(Collector):
+    """Health-check handshakes and requests per endpoint (the control plane's bill)."""
+
+    def __init__(self, cost: HealthCost) -> None:
+        self.cost = cost
+
+    def collect(self) -> Iterator[Metric]:
+        for name, doc, counts in (
+            (
+                "kubeprism_health_handshakes",
+                "New connections (TCP, and TLS for https checks) opened by health checks.",
+                self.cost.handshakes,
+            ),
+            ("kubeprism_health_requests", "Readiness requests sent.", self.cost.requests),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["endpoint"])
+            for address, n in sorted(counts.items(), key=lambda kv: str(kv[0])):
+                family.add_metric([str(address)], n)
+            yield family
 
 
 class StateCollector(Collector):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from kubeprism.config import Config, load_config
 from kubeprism.credentials import Credentials, load_credentials
-from kubeprism.health import HttpsProbe, TcpProbe, make_probe
+from kubeprism.health import TcpProbe
+from kubeprism.healthconn import HttpsProbe, make_probe
 
 
 @dataclass(frozen=True)

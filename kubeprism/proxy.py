@@ -11,7 +11,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from kubeprism.connection import (
@@ -35,6 +35,8 @@ ACCEPT_BATCH = 64
 ACCEPT_BACKOFF = 0.1
 # Shortest pause between idle sweeps, however short idleTimeout is.
 MIN_SWEEP_PERIOD = 0.05
+# A dial slower than this share of dialTimeout is a passive sign, even though it worked.
+SLOW_DIAL_SHARE = 0.5
 # After an unexpected error in the data path, further ones are only counted for this
 # long: a traceback per connection would flood the journal.
 INTERNAL_ERROR_QUIET = 60.0
@@ -98,7 +100,12 @@ class Proxy:
         self.observe_dial = observe_dial or (lambda _a, _s, _ok: None)
         self._clock = clock
         self._conn_ctx = ConnectionContext(
-            self.pumps, clock, self.stats.upstream_bytes, self.stats.client_bytes, self._forget
+            self.pumps,
+            clock,
+            self.stats.upstream_bytes,
+            self.stats.client_bytes,
+            self._forget,
+            pool.sign,
         )
         self._listeners: list[socket.socket] = []
         self._by_endpoint: dict[HostPort, set[Connection]] = {}
@@ -222,6 +229,8 @@ class Proxy:
             self._local_trouble = False
             logger.info("dialing works again")
         self.observe_dial(address, seconds, True)
+        if seconds >= SLOW_DIAL_SHARE * self.settings.dial_timeout:
+            self.pool.sign(address, f"slow dial ({seconds:.2f}s)")
         try:
             self._start(dial.client, upstream, address)
         except Exception:
@@ -338,6 +347,11 @@ class Proxy:
         self._drained.clear()
         self._start(frozen.client, frozen.upstream, frozen.address, frozen)
         return True
+
+    def connections(self) -> Iterator[Connection]:
+        """Every forwarded connection (for sweeps outside the proxy)."""
+        for conns in self._by_endpoint.values():
+            yield from conns
 
     def connections_to(self, address: HostPort) -> int:
         """Live connections forwarded to ``address``."""

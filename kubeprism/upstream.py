@@ -133,6 +133,9 @@ class Pool:
         self.unhealthy_threshold = unhealthy_threshold
         self.endpoints: dict[HostPort, Endpoint] = {}
         self._rand = rand
+        # Told of every passive sign (a failed or slow dial, a reset or stalled forwarded
+        # connection, a changed endpoint set): the health checker then checks sooner.
+        self.on_sign: Callable[[HostPort, str], None] = _ignore_sign
 
     # ------------------------------------------------------------ membership
 
@@ -145,13 +148,18 @@ class Pool:
         removed = [ep for addr, ep in self.endpoints.items() if addr not in desired]
         for ep in removed:
             del self.endpoints[ep.address]
+        kept = list(self.endpoints)
         for addr, spec in desired.items():
-            kept = self.endpoints.get(addr)
-            if kept is None:
+            known = self.endpoints.get(addr)
+            if known is None:
                 self.endpoints[addr] = Endpoint(addr, spec.priority, spec.sources)
             else:
-                kept.priority, kept.sources = spec.priority, spec.sources
+                known.priority, known.sources = spec.priority, spec.sources
         self._classify(None)
+        if removed or len(kept) != len(self.endpoints):
+            # API servers come and go from the set while they restart: look again now.
+            for addr in kept:
+                self.sign(addr, "endpoint set changed")
         return removed
 
     # ------------------------------------------------------------ selection
@@ -223,6 +231,7 @@ class Pool:
         if ep is None or ep.overtaken:
             return False
         ep.overtaken = True
+        self.sign(address, "a dial was overtaken by a later one")
         return True
 
     def record_dial(
@@ -239,7 +248,14 @@ class Pool:
         if ok:
             return None
         ep.dial_failures_total += 1
-        return self._observe(ep, False, reason, now)
+        transition = self._observe(ep, False, reason, now)
+        self.sign(address, reason)
+        return transition
+
+    def sign(self, address: HostPort, reason: str) -> None:
+        """Report a passive sign of trouble at ``address`` (to ``on_sign``)."""
+        if address in self.endpoints:
+            self.on_sign(address, reason)
 
     def opened(self, address: HostPort) -> None:
         """A proxied connection to ``address`` was established."""
@@ -316,6 +332,10 @@ def _settle(ep: Endpoint, latency: float, best: float, now: float | None) -> Non
 
 def _at_slow_bound(latency: float, best: float) -> bool:
     return latency >= max(SLOW_FACTOR * best, best + SLOW_MARGIN)
+
+
+def _ignore_sign(_address: HostPort, _reason: str) -> None:
+    """The sign handler of a pool nobody checks."""
 
 
 def _preference(ep: Endpoint) -> tuple[bool, int, bool, float, int]:

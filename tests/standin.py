@@ -45,6 +45,55 @@ HEALTH_PATHS = frozenset({"/readyz", "/livez", "/healthz"})
 # Test-only introspection; never counted in `hits` so it does not disturb assertions.
 CONTROL_PREFIX = "/_standin"
 FAILED_HEALTH_BODY = "[-]etcd failed: reason withheld\nreadyz check failed"
+# The checks a kube-apiserver v1.28 lists for an anonymous `GET /readyz?verbose` (its
+# answer is 1,596 bytes: more than one full-size segment fits, which is the point).
+READYZ_CHECKS = (
+    ["ping", "log", "etcd", "etcd-readiness", "informer-sync"]
+    + [
+        f"poststarthook/{name}"
+        for name in [
+            "start-kube-apiserver-admission-initializer",
+            "generic-apiserver-start-informers",
+            "priority-and-fairness-config-consumer",
+            "priority-and-fairness-filter",
+            "storage-object-count-tracker-hook",
+            "start-apiextensions-informers",
+            "start-apiextensions-controllers",
+            "crd-informer-synced",
+            "start-service-ip-repair-controllers",
+            "rbac/bootstrap-roles",
+            "scheduling/bootstrap-system-priority-classes",
+            "priority-and-fairness-config-producer",
+            "start-system-namespaces-controller",
+            "bootstrap-controller",
+            "start-cluster-authentication-info-controller",
+            "start-kube-apiserver-identity-lease-controller",
+            "start-deprecated-kube-apiserver-identity-lease-garbage-collector",
+            "start-kube-apiserver-identity-lease-garbage-collector",
+            "start-legacy-token-tracking-controller",
+            "aggregator-reload-proxy-client-cert",
+            "start-kube-aggregator-informers",
+            "apiservice-registration-controller",
+            "apiservice-status-available-controller",
+            "kube-apiserver-autoregistration",
+            "apiservice-openapi-controller",
+            "apiservice-openapiv3-controller",
+            "apiservice-discovery-controller",
+        ]
+    ]
+    + ["autoregister-completion", "shutdown"]
+)
+
+
+def readyz_verbose(ok: bool) -> str:
+    """The body of `/readyz?verbose`, passed or with etcd failing."""
+    lines = [
+        f"[-]{c} failed: reason withheld" if c == "etcd" and not ok else f"[+]{c} ok"
+        for c in READYZ_CHECKS
+    ]
+    return "\n".join([*lines, "readyz check passed" if ok else "readyz check failed"]) + "\n"
+
+
 VERSION_INFO: dict[str, str] = {
     "major": "1",
     "minor": "33",
@@ -102,6 +151,10 @@ class StandinAPIServer:
         self.api_status = 200
         self.delay = 0.0  # seconds every answer takes (a server further away or busier)
         self.hits: collections.Counter[str] = collections.Counter()
+        # TLS handshakes (counted from the ClientHello's server name: every check sends one).
+        self.handshakes = 0
+        if ssl_context is not None:
+            ssl_context.sni_callback = self._count_handshake
         self.open_streams = 0  # /stream responses in progress (watch-like connections)
         self._extra_routes = list(extra_routes)
         self._shutdown_timeout = shutdown_timeout
@@ -114,6 +167,11 @@ class StandinAPIServer:
         scheme = "https" if self.ssl_context else "http"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{scheme}://{host}:{self.port}"
+
+    def _count_handshake(
+        self, _sock: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext
+    ) -> None:
+        self.handshakes += 1
 
     def toggle_ready(self) -> None:
         """Flip /readyz between 200 and 500."""
@@ -131,6 +189,7 @@ class StandinAPIServer:
             web.get("/api", self._api_versions),
             web.get("/apis", self._api_groups),
             web.get("/large", self._large),
+            web.get("/api/v1/pods", self._pods),
             web.post("/echo", self._echo),
             web.get("/stream", self._stream),
             web.get(f"{CONTROL_PREFIX}/state", self._state),
@@ -194,6 +253,8 @@ class StandinAPIServer:
 
     async def _health(self, request: web.Request) -> web.Response:
         ok = self.ready_status == 200
+        if "verbose" in request.query:
+            return web.Response(status=self.ready_status, text=readyz_verbose(ok))
         return web.Response(status=self.ready_status, text="ok" if ok else FAILED_HEALTH_BODY)
 
     async def _version(self, request: web.Request) -> web.Response:
@@ -220,8 +281,27 @@ class StandinAPIServer:
             "ready_status": self.ready_status,
             "api_status": self.api_status,
             "hits": dict(self.hits),
+            "handshakes": self.handshakes,
         }
         return web.json_response(state)
+
+    async def _pods(self, request: web.Request) -> web.Response:
+        """A LIST answer (?limit= items, ~330 bytes each), written in one piece with its
+        headers as Go's net/http does (aiohttp's StreamResponse sends headers alone)."""
+        try:
+            limit = min(int(request.query.get("limit", "50")), 10_000)
+        except ValueError:
+            raise web.HTTPBadRequest(text="limit must be an integer") from None
+        items = [
+            {
+                "metadata": {"name": f"pod-{i:05d}", "namespace": "default", "uid": f"{i:032x}"},
+                "spec": {"nodeName": "node-1", "containers": [{"name": "app", "image": "app:1"}]},
+                "status": {"phase": "Running", "podIP": f"10.244.{i // 250}.{i % 250 + 1}"},
+            }
+            for i in range(max(0, limit))
+        ]
+        body = {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items}
+        return web.json_response(body)
 
     async def _large(self, request: web.Request) -> web.StreamResponse:
         try:

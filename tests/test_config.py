@@ -119,6 +119,11 @@ def test_every_key(tmp_path: Path) -> None:
             "clientKeyFile": str(tmp_path / "client.key"),
             "healthyThreshold": 3,
             "unhealthyThreshold": 4,
+            "keepAlive": False,
+            "fastInterval": "500ms",
+            "unhealthyInterval": "1500ms",
+            "livenessTimeout": "5s",
+            "stallTimeout": "0s",
         },
         "dialTimeout": "250ms",
         "forwarding": "copy",
@@ -150,6 +155,11 @@ def test_every_key(tmp_path: Path) -> None:
             client_key_file=str(tmp_path / "client.key"),
             healthy_threshold=3,
             unhealthy_threshold=4,
+            keep_alive=False,
+            fast_interval=0.5,
+            unhealthy_interval=1.5,
+            liveness_timeout=5.0,
+            stall_timeout=0.0,
         ),
         dial_timeout=0.25,
         forwarding="copy",
@@ -239,6 +249,9 @@ def test_bad_durations(value: object) -> None:
         "tcpUserTimeout",
         "healthCheck.interval",
         "healthCheck.timeout",
+        "healthCheck.fastInterval",
+        "healthCheck.unhealthyInterval",
+        "healthCheck.livenessTimeout",
         "tcpKeepalive.idle",
         "tcpKeepalive.interval",
         "discovery.dnsRefresh",
@@ -250,7 +263,7 @@ def test_zero_is_refused_where_a_duration_must_be_positive(key: str) -> None:
     assert "'0ms'" in str(exc)
 
 
-@pytest.mark.parametrize("key", ["idleTimeout", "drainTimeout"])
+@pytest.mark.parametrize("key", ["idleTimeout", "drainTimeout", "healthCheck.stallTimeout"])
 def test_zero_is_allowed_where_it_means_off(key: str) -> None:
     config_from_dict(at(key, "0s"))
 
@@ -472,6 +485,11 @@ BAD_VALUES = [
     ("healthCheck.healthyThreshold", 2.0),
     ("healthCheck.healthyThreshold", "2"),
     ("healthCheck.unhealthyThreshold", -1),
+    ("healthCheck.keepAlive", "no"),
+    ("healthCheck.fastInterval", "quick"),
+    ("healthCheck.unhealthyInterval", 1),
+    ("healthCheck.livenessTimeout", "2"),
+    ("healthCheck.stallTimeout", "-1s"),
     ("dialTimeout", "fast"),
     ("forwarding", "zerocopy"),
     ("forwarding", True),
@@ -586,8 +604,8 @@ def test_unset_timeout_scales_with_a_short_interval() -> None:
         ("1s", "2s", False),
         ("2s", "1m", False),
         ("500ms", None, True),  # an unset timeout scales down with the interval (400ms)
-        (None, "900ms", True),
-        (None, "1s", False),
+        (None, "4900ms", True),
+        (None, "5s", False),
     ],
 )
 def test_timeout_must_be_shorter_than_interval(
@@ -601,6 +619,39 @@ def test_timeout_must_be_shorter_than_interval(
         exc = error(data)
         assert exc.key == "healthCheck.timeout"
         assert "healthCheck.interval" in exc.message
+
+
+def test_unset_paces_follow_a_short_interval() -> None:
+    hc = config_from_dict(at("healthCheck.interval", "200ms")).health_check
+    assert (hc.fast_interval, hc.unhealthy_interval) == (0.2, 0.2)
+    hc = config_from_dict(at("healthCheck.interval", "500ms")).health_check
+    assert (hc.fast_interval, hc.unhealthy_interval) == (0.25, 0.5)
+    hc = config_from_dict(at("healthCheck.fastInterval", "2s")).health_check
+    assert (hc.fast_interval, hc.unhealthy_interval) == (2.0, 2.0)
+
+
+@pytest.mark.parametrize(
+    ("paces", "key"),
+    [
+        ({"interval": "1s", "fastInterval": "1s"}, None),
+        ({"interval": "1s", "fastInterval": "1001ms"}, "healthCheck.fastInterval"),
+        ({"fastInterval": "6s"}, "healthCheck.fastInterval"),
+        ({"fastInterval": "300ms", "unhealthyInterval": "300ms"}, None),
+        ({"fastInterval": "300ms", "unhealthyInterval": "299ms"}, "healthCheck.unhealthyInterval"),
+        ({"unhealthyInterval": "100ms"}, "healthCheck.unhealthyInterval"),
+        ({"unhealthyInterval": "1m"}, None),
+    ],
+)
+def test_fast_interval_is_at_most_interval_and_at_most_unhealthy_interval(
+    paces: dict[str, str], key: str | None
+) -> None:
+    data = {"upstreams": UP, "healthCheck": paces}
+    if key is None:
+        config_from_dict(data)
+    else:
+        exc = error(data)
+        assert exc.key == key
+        assert "healthCheck." in exc.message
 
 
 @pytest.mark.parametrize(
@@ -822,6 +873,9 @@ health_checks = st.tuples(
         serverName=st.sampled_from(["kubernetes", "api.internal"]),
         healthyThreshold=st.integers(1, 100),
         unhealthyThreshold=st.integers(1, 100),
+        keepAlive=st.booleans(),
+        livenessTimeout=_duration(1, 600_000),
+        stallTimeout=_duration(0, 60_000),
     ),
     _duration(2, 3_600_000),
     st.integers(1, 1000),

@@ -1,9 +1,9 @@
-"""health.py: HealthChecker with a fake clock, sleep and probe; the probes against real sockets.
+"""health.py: HealthChecker with a fake clock, wait and probe; describe_error.
 
 The checker tests never touch the network: a scripted probe answers from a per-endpoint
 queue (an empty queue is a probe that hangs), the clock only moves when a scripted probe
-says it took time, and the sleep records the delay it was asked for and just yields.
-The probe tests use real servers on 127.0.0.1 with a throwaway trustme CA.
+says it took time, and the wait records the delay it was asked for and just yields (or
+reports a wake-up when a sign arrived). The real probes are tested in test_healthconn.py.
 """
 
 from __future__ import annotations
@@ -14,32 +14,20 @@ import contextlib
 import errno
 import logging
 import random
-import socket
 import ssl
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-import aiohttp
 import pytest
-import trustme
-from aiohttp import web
-from aiohttp.client_reqrep import ConnectionKey
 from util import eventually
 
-from kubeprism.config import HealthCheckConfig
+from kubeprism.cadence import JITTER, Intervals
 from kubeprism.health import (
-    JITTER,
     MAX_REASON,
-    RECHECK_FRACTION,
     HealthChecker,
-    HttpsProbe,
     ProbeResult,
-    TcpProbe,
     describe_error,
     is_local_error,
-    make_probe,
 )
 from kubeprism.net import HostPort
 from kubeprism.upstream import EndpointSpec, Health, Pool, Transition
@@ -47,7 +35,8 @@ from kubeprism.upstream import EndpointSpec, Health, Pool, Transition
 A = HostPort("10.0.0.1", 6443)
 B = HostPort("10.0.0.2", 6443)
 C = HostPort("10.0.0.3", 6443)
-INTERVAL = 10.0
+INTERVAL, FAST, DOWN = 10.0, 0.5, 2.0
+IV = Intervals(INTERVAL, FAST, DOWN)
 OK = ProbeResult(True, 0.002, "ok")
 
 
@@ -92,6 +81,12 @@ class ScriptedProbe:
         for step in steps:
             self.queues[address].put_nowait(step if isinstance(step, Step) else Step(step))
 
+    def forget(self, address: HostPort) -> None:
+        """Nothing kept per endpoint."""
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
     async def __call__(self, address: HostPort) -> ProbeResult:
         self.calls[address] += 1
         self.inflight[address] += 1
@@ -105,17 +100,23 @@ class ScriptedProbe:
         return step.outcome
 
 
-class RecordingSleep:
-    """Records each requested delay under the calling task's name, then only yields."""
+class RecordingWait:
+    """Records each requested delay under the calling task's name, then yields; returns
+    True (woken) when the event was set meanwhile. Waits longer than ``hold`` last until
+    the event wakes them (a slow wait that only a sign ends)."""
 
     def __init__(self) -> None:
         self.delays: dict[str, list[float]] = collections.defaultdict(list)
+        self.hold = float("inf")
 
-    async def __call__(self, delay: float) -> None:
+    async def __call__(self, event: asyncio.Event, delay: float) -> bool:
         task = asyncio.current_task()
         assert task is not None
         self.delays[task.get_name()].append(delay)
+        if delay > self.hold:
+            await event.wait()
         await asyncio.sleep(0)
+        return event.is_set()
 
 
 @dataclass
@@ -125,7 +126,7 @@ class Harness:
     pool: Pool
     clock: FakeClock
     probe: ScriptedProbe
-    sleep: RecordingSleep
+    sleep: RecordingWait
     checker: HealthChecker
     transitions: list[Transition]
     observed: list[tuple[HostPort, float, bool]]
@@ -157,17 +158,17 @@ async def harness(
     pool.reconcile(specs(*addresses))
     clock = FakeClock()
     probe = ScriptedProbe(clock)
-    sleep = RecordingSleep()
+    sleep = RecordingWait()
     transitions: list[Transition] = []
     observed: list[tuple[HostPort, float, bool]] = []
     checker = HealthChecker(
         pool,
         probe,
-        INTERVAL,
+        IV,
         transitions.append,
         observe=lambda a, s, ok: observed.append((a, s, ok)),
         clock=clock,
-        sleep=sleep,
+        wait=sleep,
         rand=rand.random if isinstance(rand, random.Random) else lambda: rand,
     )
     checker.sync()
@@ -209,36 +210,33 @@ async def test_first_pass_waits_for_every_endpoint_and_times_out_false() -> None
 
 
 @pytest.mark.parametrize("r", [0.0, 0.25, 0.5, 0.75, 0.999999])
-async def test_wait_is_jittered_interval_minus_probe_duration(r: float) -> None:
+async def test_waits_count_from_the_start_of_each_check(r: float) -> None:
     async with harness(A, rand=r) as h:
-        h.probe.push(A, Step(OK, duration=0.3), Step(fail(), duration=0.0))
-        await eventually(lambda: len(h.sleep.delays[f"health {A}"]) == 2)
-        jitter = 1 + JITTER * (2 * r - 1)
-        # After the failure the endpoint is in doubt: the next check comes sooner.
+        h.probe.push(A, Step(OK, duration=0.3), Step(OK, duration=0.2), Step(fail()))
+        await eventually(lambda: len(h.sleep.delays[f"health {A}"]) == 3)
+        # A random phase first, then the interval stretched by up to JITTER; after the
+        # failure the endpoint is in doubt and is checked again after FAST.
         assert h.sleep.delays[f"health {A}"] == pytest.approx(
-            [INTERVAL * jitter - 0.3, INTERVAL * RECHECK_FRACTION * jitter]
+            [max(FAST, INTERVAL * r) - 0.3, INTERVAL * (1 + JITTER * r) - 0.2, FAST]
         )
 
 
-async def test_jitter_stays_within_ten_percent_and_spreads() -> None:
-    rounds = 200
-    async with harness(A, rand=random.Random(7)) as h:
-        h.probe.push(A, *(Step(OK, duration=0.25) for _ in range(rounds)))
-        delays = await eventually(
-            lambda: d if len(d := h.sleep.delays[f"health {A}"]) == rounds else None
-        )
-    low, high = INTERVAL * (1 - JITTER) - 0.25, INTERVAL * (1 + JITTER) - 0.25
-    assert all(low <= d <= high for d in delays)
-    # The jitter is really used: the waits cover most of the allowed band.
-    assert min(delays) < low + 0.1 * INTERVAL * JITTER
-    assert max(delays) > high - 0.1 * INTERVAL * JITTER
+async def test_phases_differ_between_nodes() -> None:
+    """Nodes restarted together: their second checks spread over the whole interval."""
+    firsts = []
+    for seed in range(20):
+        async with harness(A, rand=random.Random(seed)) as h:
+            h.probe.push(A, OK)
+            firsts.append((await eventually(lambda: h.sleep.delays[f"health {A}"]))[0])
+    assert max(firsts) - min(firsts) > INTERVAL / 2
+    assert all(FAST <= f < INTERVAL for f in firsts)
 
 
 async def test_a_probe_slower_than_the_interval_probes_again_at_once() -> None:
     async with harness(A, rand=0.999999) as h:
         h.probe.push(A, Step(OK, duration=3 * INTERVAL))
-        await eventually(lambda: h.sleep.delays[f"health {A}"])
-        assert h.sleep.delays[f"health {A}"] == [0.0]
+        await eventually(lambda: h.probe.calls[A] == 2)
+        assert h.sleep.delays[f"health {A}"] == []  # no wait at all
 
 
 async def test_transitions_only_on_change_with_hysteresis_and_observer_per_probe() -> None:
@@ -257,7 +255,7 @@ async def test_transitions_only_on_change_with_hysteresis_and_observer_per_probe
         Transition(B, Health.UNKNOWN, Health.UNHEALTHY, "refused")
     ]
     observed_a = [(s, ok) for a, s, ok in h.observed if a == A]
-    assert [s for s, _ in observed_a] == pytest.approx([0.01 * (i + 1) for i in range(len(script))])
+    assert [s for s, _ in observed_a] == pytest.approx([0.01 * (i + 1) for i in range(8)])
     assert [ok for _, ok in observed_a] == [r.ok for r in script]
     assert h.pool.endpoints[A].reason == "ok"
     assert h.pool.endpoints[A].latency == pytest.approx(OK.latency)
@@ -332,13 +330,107 @@ async def test_stop_cancels_loops_with_probes_in_flight() -> None:
         assert sum(h.probe.inflight.values()) == 0
 
 
+async def test_speed_up_while_in_doubt_and_back_once_settled() -> None:
+    async with harness(A, unhealthy_threshold=3, healthy_threshold=2, rand=0.0) as h:
+        h.probe.push(A, OK, OK, fail(), fail(), fail(), OK, OK, OK)
+        await eventually(lambda: len(h.sleep.delays[f"health {A}"]) == 8)
+        # phase | healthy | suspect | suspect | down | recovering | back | steady
+        assert h.sleep.delays[f"health {A}"] == pytest.approx(
+            [FAST, INTERVAL, FAST, FAST, FAST, FAST, INTERVAL, INTERVAL]
+        )
+
+
+async def test_a_down_endpoint_backs_off_to_the_unhealthy_interval() -> None:
+    async with harness(A, rand=0.0) as h:
+        h.probe.push(A, *(fail("connection refused") for _ in range(6)))
+        await eventually(lambda: len(h.sleep.delays[f"health {A}"]) == 6)
+        assert h.sleep.delays[f"health {A}"] == pytest.approx(
+            [FAST, 2 * FAST, DOWN, DOWN, DOWN, DOWN]
+        )
+        assert h.pool.endpoints[A].health is Health.UNHEALTHY
+
+
+@contextlib.asynccontextmanager
+async def slow_wait(*addresses: HostPort) -> AsyncIterator[Harness]:
+    """A harness whose endpoints were checked twice (OK) and now sleep the slow interval,
+    until a sign wakes them."""
+    async with harness(*addresses, rand=0.0) as h:
+        h.sleep.hold = 1.0
+        for a in addresses:
+            h.probe.push(a, OK, OK)
+        for a in addresses:
+            await eventually(slept(h, a, [FAST, INTERVAL]))
+        yield h
+
+
+def slept(h: Harness, address: HostPort, delays: list[float]) -> Callable[[], bool]:
+    """A predicate: the loop of ``address`` has waited exactly these delays so far."""
+    return lambda: h.sleep.delays[f"health {address}"] == delays
+
+
+async def test_a_sign_wakes_a_slow_loop_for_one_fast_check() -> None:
+    async with slow_wait(A, B) as h:
+        h.clock.now += 0.1
+        h.probe.push(A, fail("timed out after 0.8s"))
+        h.pool.sign(A, "a forwarded request got no answer for 1s")
+        await eventually(lambda: h.pool.endpoints[A].suspect)
+        # Woken, it waits out the rest of one fast interval after the last check; after
+        # the failure the endpoint is in doubt: fast checks.
+        await eventually(lambda: len(h.sleep.delays[f"health {A}"]) == 4)
+        assert h.sleep.delays[f"health {A}"][2:] == pytest.approx([FAST - 0.1, FAST])
+        assert h.probe.calls[B] == 2  # the other endpoint was left alone
+        h.pool.sign(C, "not an endpoint")  # ignored
+        h.probe.push(A, OK)
+        await eventually(lambda: len(h.sleep.delays[f"health {A}"]) == 5)
+        assert h.sleep.delays[f"health {A}"][-1] == INTERVAL  # clearly healthy: slow again
+
+
+async def test_a_failed_dial_is_a_sign_through_the_pool() -> None:
+    async with slow_wait(A) as h:
+        h.pool.record_dial(A, False, "dial timed out after 1s", h.clock())
+        assert h.pool.endpoints[A].suspect
+        await eventually(lambda: h.probe.calls[A] == 3)  # checked at once (clock stood still)
+
+
+async def test_a_changed_endpoint_set_is_a_sign_for_the_endpoints_that_stay() -> None:
+    async with slow_wait(A, B) as h:
+        h.pool.reconcile(specs(A))
+        h.checker.sync()
+        await eventually(lambda: h.probe.calls[A] == 3)
+
+
+async def test_losing_the_health_connection_by_reset_is_a_failure_and_checks_at_once() -> None:
+    async with slow_wait(A) as h:
+        h.checker.connection_lost(A, "health connection reset by the server", failure=True)
+        assert h.pool.endpoints[A].suspect
+        assert h.pool.endpoints[A].reason == "health connection reset by the server"
+        await eventually(lambda: h.probe.calls[A] == 3)  # checked again at once
+        assert h.sleep.delays[f"health {A}"] == [FAST, INTERVAL]
+        h.probe.push(A, OK)
+        await eventually(lambda: not h.pool.endpoints[A].suspect)
+        assert [t.new for t in h.transitions] == [Health.HEALTHY]
+
+
+async def test_an_orderly_close_of_the_health_connection_is_no_failure() -> None:
+    """A server's idle timeout closes the connection: check at once, count nothing."""
+    async with slow_wait(A) as h:
+        h.checker.connection_lost(A, "server closed the health connection", failure=False)
+        assert not h.pool.endpoints[A].suspect
+        assert h.pool.endpoints[A].failures == 0
+        await eventually(lambda: h.probe.calls[A] == 3)
+        h.checker.connection_lost(C, "not an endpoint", failure=False)  # ignored
+
+
+async def test_new_intervals_apply_to_running_loops() -> None:
+    async with harness(A, rand=0.0) as h:
+        h.checker.set_intervals(Intervals(20.0, 1.0, 4.0))
+        h.probe.push(A, OK, OK)
+        await eventually(lambda: len(h.sleep.delays[f"health {A}"]) == 2)
+        assert h.sleep.delays[f"health {A}"] == [1.0, 20.0]
+
+
 # ---------------------------------------------------------------------------------------------
 # describe_error
-
-
-def _key() -> ConnectionKey:
-    # aiohttp only stores the connection key; the tests never connect with it.
-    return ConnectionKey("10.0.0.1", 6443, True, True, None, None, None)
 
 
 def _verify_error(message: str) -> ssl.SSLCertVerificationError:
@@ -357,24 +449,8 @@ HOSTNAME_MISMATCH = "Hostname mismatch, certificate is not valid for 'kubernetes
     ("exc", "reason"),
     [
         (TimeoutError(), "timed out after 0.8s"),
-        (aiohttp.ServerTimeoutError("read"), "timed out after 0.8s"),
-        (
-            aiohttp.ClientConnectorCertificateError(_key(), _verify_error(HOSTNAME_MISMATCH)),
-            f"TLS certificate rejected: {HOSTNAME_MISMATCH}",
-        ),
-        (
-            aiohttp.ClientConnectorCertificateError(_key(), ValueError("no verify_message")),
-            "TLS certificate rejected: no verify_message",
-        ),
+        (_verify_error(HOSTNAME_MISMATCH), f"TLS certificate rejected: {HOSTNAME_MISMATCH}"),
         (ssl.SSLError(1, "WRONG_VERSION_NUMBER"), "TLS error: WRONG_VERSION_NUMBER"),
-        (
-            aiohttp.ClientConnectorError(_key(), ConnectionRefusedError(111, "Refused")),
-            "connection refused",
-        ),
-        (
-            aiohttp.ClientConnectorError(_key(), OSError(113, "No route to host")),
-            "connect failed: No route to host",
-        ),
         (ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"), "connection refused"),
         (OSError(errno.ENETUNREACH, "Network unreachable"), "connect failed: Network unreachable"),
         (OSError("no errno"), "connect failed: no errno"),
@@ -391,224 +467,14 @@ def test_describe_error(exc: BaseException, reason: str) -> None:
 @pytest.mark.parametrize(
     ("exc", "local"),
     [
-        (aiohttp.ClientConnectorError(_key(), OSError(errno.EMFILE, "Too many open files")), True),
+        (OSError(errno.EMFILE, "Too many open files"), True),
         (OSError(errno.ENFILE, "Too many open files in system"), True),
         (OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address"), True),
-        (aiohttp.ClientConnectorError(_key(), ConnectionRefusedError(111, "Refused")), False),
+        (ConnectionRefusedError(111, "Refused"), False),
         (OSError(errno.EHOSTUNREACH, "No route to host"), False),
         (TimeoutError(), False),
     ],
-    ids=lambda v: str(getattr(getattr(v, "os_error", v), "errno", v)),
+    ids=lambda v: str(getattr(v, "errno", v)),
 )
 def test_local_errors_are_told_apart(exc: BaseException, local: bool) -> None:
     assert is_local_error(exc) is local
-
-
-def test_make_probe_follows_the_config(tls: TLSFiles) -> None:
-    assert isinstance(make_probe(HealthCheckConfig(type="tcp", timeout=0.5)), TcpProbe)
-    assert isinstance(make_probe(HealthCheckConfig(ca_file=str(tls.ca))), HttpsProbe)
-
-
-# ---------------------------------------------------------------------------------------------
-# Real probes on 127.0.0.1
-
-
-@dataclass(frozen=True)
-class TLSFiles:
-    """A CA that signed the server certificate, an unrelated CA, and the server context."""
-
-    ca: Path
-    wrong_ca: Path
-    server_context: ssl.SSLContext
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
-    """Throwaway PKI: the server certificate names 'kubernetes' and 127.0.0.1."""
-    directory = tmp_path_factory.mktemp("health-pki")
-    ca, wrong = trustme.CA(), trustme.CA()
-    ca.cert_pem.write_to_path(directory / "ca.pem")
-    wrong.cert_pem.write_to_path(directory / "wrong-ca.pem")
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("kubernetes", "127.0.0.1").configure_cert(ctx)
-    return TLSFiles(directory / "ca.pem", directory / "wrong-ca.pem", ctx)
-
-
-class ReadyzServer:
-    """An HTTPS /readyz answering ``status`` (and the kube-apiserver's failure text)."""
-
-    def __init__(self) -> None:
-        self.status = 200
-        self.port = 0
-        self.clients: set[object] = set()  # client (address, port) pairs: one per connection
-
-    async def readyz(self, request: web.Request) -> web.Response:
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        self.clients.add(peer)
-        text = "ok" if self.status == 200 else "[-]etcd failed: reason withheld"
-        return web.Response(status=self.status, text=text)
-
-
-@pytest.fixture
-async def readyz(tls: TLSFiles) -> AsyncIterator[ReadyzServer]:
-    """A started ReadyzServer on 127.0.0.1."""
-    server = ReadyzServer()
-    app = web.Application()
-    app.router.add_get("/readyz", server.readyz)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls.server_context).start()
-        server.port = runner.addresses[0][1]
-        yield server
-    finally:
-        await runner.cleanup()
-
-
-@contextlib.contextmanager
-def refusing_port() -> Iterator[int]:
-    """A port bound but not listening: connects are refused and nobody else can take it."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def silent_listener() -> Iterator[int]:
-    """A port that completes TCP handshakes (in the kernel) and then never says a word."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(8)
-        yield sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def full_backlog_listener() -> Iterator[int]:
-    """A listener whose accept queue is full: Linux then drops SYNs, so connects hang."""
-    with socket.socket() as sock, socket.socket() as filler:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(0)  # room for one queued connection, never accepted
-        port = sock.getsockname()[1]
-        filler.settimeout(5)
-        filler.connect(("127.0.0.1", port))
-        yield port
-
-
-@contextlib.asynccontextmanager
-async def https_probe(
-    ca: Path, server_name: str = "kubernetes", timeout: float = 2.0, keep_alive: bool = False
-) -> AsyncIterator[HttpsProbe]:
-    """An HttpsProbe, closed on exit."""
-    probe = HttpsProbe(
-        HealthCheckConfig(
-            ca_file=str(ca), server_name=server_name, timeout=timeout, keep_alive=keep_alive
-        )
-    )
-    try:
-        yield probe
-    finally:
-        await probe.close()
-
-
-def local(port: int) -> HostPort:
-    """127.0.0.1:port."""
-    return HostPort("127.0.0.1", port)
-
-
-async def test_https_probe_200_is_ok_with_latency(tls: TLSFiles, readyz: ReadyzServer) -> None:
-    async with https_probe(tls.ca) as probe:
-        first = await probe(local(readyz.port))
-        second = await probe(local(readyz.port))  # a fresh connection each time still works
-    assert (first.ok, first.reason, second.ok) == (True, "ok", True)
-    assert first.latency is not None
-    assert 0 < first.latency < 2.0
-
-
-@pytest.mark.parametrize(("keep_alive", "connections"), [(False, 3), (True, 1)])
-async def test_https_probe_reuses_its_connection_only_with_keep_alive(
-    tls: TLSFiles, readyz: ReadyzServer, keep_alive: bool, connections: int
-) -> None:
-    async with https_probe(tls.ca, keep_alive=keep_alive) as probe:
-        results = [await probe(local(readyz.port)) for _ in range(3)]
-    assert all(r.ok for r in results)
-    assert len(readyz.clients) == connections  # a TLS handshake per probe, or just one
-
-
-async def test_https_probe_500_is_unhealthy_with_status_and_body(
-    tls: TLSFiles, readyz: ReadyzServer
-) -> None:
-    readyz.status = 500
-    async with https_probe(tls.ca) as probe:
-        result = await probe(local(readyz.port))
-    assert not result.ok
-    assert result.latency is not None
-    assert "HTTP 500" in result.reason
-    assert "etcd failed" in result.reason
-
-
-async def test_https_probe_wrong_ca_names_the_certificate(
-    tls: TLSFiles, readyz: ReadyzServer
-) -> None:
-    async with https_probe(tls.wrong_ca) as probe:
-        result = await probe(local(readyz.port))
-    assert (result.ok, result.latency) == (False, None)
-    assert result.reason == "TLS certificate rejected: unable to get local issuer certificate"
-
-
-async def test_https_probe_wrong_server_name_names_the_hostname(
-    tls: TLSFiles, readyz: ReadyzServer
-) -> None:
-    async with https_probe(tls.ca, server_name="not-the-apiserver.example") as probe:
-        result = await probe(local(readyz.port))
-    assert not result.ok
-    assert result.reason == (
-        "TLS certificate rejected: Hostname mismatch, "
-        "certificate is not valid for 'not-the-apiserver.example'."
-    )
-
-
-async def test_https_probe_refused(tls: TLSFiles) -> None:
-    with refusing_port() as port:
-        async with https_probe(tls.ca) as probe:
-            result = await probe(local(port))
-    assert result == ProbeResult(False, None, "connection refused")
-
-
-async def test_https_probe_silent_server_times_out_within_the_timeout(tls: TLSFiles) -> None:
-    timeout = 0.5
-    with silent_listener() as port:
-        async with https_probe(tls.ca, timeout=timeout) as probe:
-            started = time.monotonic()
-            result = await probe(local(port))
-            elapsed = time.monotonic() - started
-    assert result == ProbeResult(False, None, "timed out after 0.5s")
-    assert timeout * 0.9 <= elapsed < timeout + 0.5
-
-
-async def test_tcp_probe_ok_refused_and_timeout() -> None:
-    probe = TcpProbe(timeout=0.3)
-    with silent_listener() as port:
-        ok = await probe(local(port))
-    assert (ok.ok, ok.reason) == (True, "ok")
-    assert ok.latency is not None
-    assert ok.latency < 0.3
-    with refusing_port() as port:
-        assert await probe(local(port)) == ProbeResult(False, None, "connection refused")
-    with full_backlog_listener() as port:
-        started = time.monotonic()
-        result = await probe(local(port))
-        elapsed = time.monotonic() - started
-    assert result == ProbeResult(False, None, "timed out after 0.3s")
-    assert 0.25 <= elapsed < 0.8
-    await probe.close()
-
-
-async def test_in_doubt_endpoints_are_rechecked_sooner_until_settled() -> None:
-    async with harness(A, unhealthy_threshold=3, healthy_threshold=2) as h:
-        h.probe.push(A, OK, fail(), fail(), fail(), OK, OK, OK)
-        await eventually(lambda: len(h.sleep.delays[f"health {A}"]) == 7)
-        fast, slow = INTERVAL * RECHECK_FRACTION, INTERVAL
-        # healthy | suspect | suspect | down | recovering | back | steady
-        assert h.sleep.delays[f"health {A}"] == pytest.approx(
-            [slow, fast, fast, slow, fast, slow, slow]
-        )

@@ -53,7 +53,7 @@ def test_check_config_prints_effective_config_of_the_example() -> None:
 
 BAD_CONFIGS = [
     ('upstreams: ["10.0.0.1:6443"]\nhealthCheck: {intervall: 1s}\n', "healthCheck.intervall"),
-    ('upstreams: ["10.0.0.1:6443"]\nhealthCheck: {timeout: 2s}\n', "healthCheck.timeout"),
+    ('upstreams: ["10.0.0.1:6443"]\nhealthCheck: {timeout: 6s}\n', "healthCheck.timeout"),
     ('upstreams: ["10.0.0.1:99999"]\n', "upstreams[0]"),
     ('upstreams: ["10.0.0.1:6443"]\ndialTimeout: fast\n', "dialTimeout"),
     ('upstreams: ["10.0.0.1:6443"]\nlisten: ["0.0.0.0:7445"]\n', "listen[0]"),

@@ -13,6 +13,7 @@ import errno
 import itertools
 import logging
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import pytest
 from util import eventually, open_fds
 from uvloop_runner import on_uvloop
 
+from kubeprism import proxy as proxy_module
 from kubeprism.connection import CloseReason
 from kubeprism.net import HostPort
 from kubeprism.proxy import ACCEPT_BACKOFF, Proxy, ProxySettings
@@ -581,3 +583,27 @@ async def test_an_unexpected_error_while_admitting_closes_the_client(
     tracebacks = [r for r in caplog.records if r.exc_info]
     assert len(tracebacks) == 1
     assert "unexpected error accepting a connection" in tracebacks[0].getMessage()
+
+
+@on_uvloop
+async def test_passive_signs_a_slow_dial_and_an_upstream_reset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(proxy_module, "SLOW_DIAL_SHARE", 0.0)  # every dial is "slow"
+    async with NamedEcho("A") as a:
+        pool = healthy_pool(a.address)
+        signs: list[tuple[HostPort, str]] = []
+        pool.on_sign = lambda address, why: signs.append((address, why))
+        async with serving(pool) as rig:
+            client = await rig.connect()
+            assert [why.startswith("slow dial (") for _a, why in signs] == [True]
+            assert [c.address for c in rig.proxy.connections()] == [a.address]
+            signs.clear()
+            [server_side] = a.live
+            server_side.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+            server_side.abort()  # the server resets the forwarded connection
+            await client.wait_closed_by_peer()
+            await eventually(lambda: signs)
+            assert signs == [(a.address, "forwarded connection failed: Connection reset by peer")]

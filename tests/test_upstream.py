@@ -722,3 +722,31 @@ def test_in_doubt_covers_both_directions() -> None:
     assert ep.health is Health.UNHEALTHY and ep.in_doubt and not ep.suspect
     pool.record_probe(addr(0), True, 0.001, "ok", 2.0)
     assert ep.health is Health.HEALTHY and not ep.in_doubt
+
+
+# ------------------------------------------------------------ passive signs
+
+
+def test_signs_go_to_the_handler_for_known_endpoints_only() -> None:
+    pool = pool_of(2)
+    signs: list[tuple[HostPort, str]] = []
+    pool.sign(addr(0), "ignored: nobody listens yet")  # the default handler drops it
+    pool.on_sign = lambda a, why: signs.append((a, why))
+    pool.sign(addr(1), "slow dial (0.60s)")
+    pool.sign(addr(9), "not an endpoint")
+    pool.record_dial(addr(0), False, "dial failed: connection refused", 1.0)
+    pool.record_dial(addr(0), True, "ok", 2.0)  # a working dial is no sign
+    assert signs == [(addr(1), "slow dial (0.60s)"), (addr(0), "dial failed: connection refused")]
+
+
+def test_a_changed_endpoint_set_is_a_sign_for_the_endpoints_that_stay() -> None:
+    pool = pool_of(3)
+    signs: list[HostPort] = []
+    pool.on_sign = lambda a, _why: signs.append(a)
+    pool.reconcile({addr(i): spec() for i in range(3)})  # the same set: no sign
+    assert signs == []
+    pool.reconcile({addr(i): spec() for i in (0, 1)})
+    assert signs == [addr(0), addr(1)]
+    signs.clear()
+    pool.reconcile({addr(i): spec() for i in (0, 1, 5)})
+    assert signs == [addr(0), addr(1)]  # the new one gets its first check anyway

@@ -13,8 +13,14 @@ import pytest
 from certs import TestPKI
 
 from faults.fault_harness import Cluster
-from faults.fault_report import RESULTS, ordered_results, summary_path, write_summary
+from faults.fault_report import COST, RESULTS, ordered_results, summary_path, write_summary
 from faults.fault_topology import Topology
+
+
+@pytest.fixture(autouse=True)
+def _no_cost_from_the_last_test() -> None:
+    """Each scenario's line states only the checks its own daemon cost."""
+    COST[0] = None
 
 
 @pytest.fixture(scope="session")

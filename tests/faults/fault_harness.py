@@ -4,6 +4,7 @@ kubeprism with its default config in the node namespace.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from standin import StandinProcess, standin_argv
 from util import count_fds, wait_for
 
 from faults.fault_clients import LISTEN
+from faults.fault_report import COST, CheckCost
 from faults.fault_topology import API_PORT, Member, Topology
 
 HERE = Path(__file__).resolve().parent
@@ -121,7 +123,27 @@ def default_config(
 
 def start_daemon(topo: Topology, cfg: dict[str, Any], tmp: Path, **kwargs: Any) -> DaemonProcess:
     """Start kubeprism in the node namespace and wait for its admin endpoint."""
-    return DaemonProcess(cfg, tmp, netns=topo.node.ns, **kwargs).start()
+    COST[0] = CheckCost()
+    daemon = DaemonProcess(cfg, tmp, netns=topo.node.ns, **kwargs).start()
+    _STARTED[id(daemon)] = time.monotonic()
+    return daemon
+
+
+_STARTED: dict[int, float] = {}
+
+
+def check_cost(daemon: DaemonProcess) -> CheckCost:
+    """What the health checks cost so far (and keep it for the scenario's summary line)."""
+    text = daemon.metrics()
+    total = {"handshakes": 0.0, "requests": 0.0}
+    for line in text.splitlines():
+        for kind in total:
+            if line.startswith(f"kubeprism_health_{kind}_total{{"):
+                total[kind] += float(line.rsplit(" ", 1)[1])
+    seconds = time.monotonic() - _STARTED.get(id(daemon), time.monotonic())
+    cost = CheckCost(int(total["handshakes"]), int(total["requests"]), round(seconds, 1))
+    COST[0] = cost
+    return cost
 
 
 def wait_states(daemon: DaemonProcess, states: dict[str, str], timeout: float = 10.0) -> None:
@@ -138,6 +160,9 @@ def stop_daemon(daemon: DaemonProcess) -> None:
     """SIGTERM and, if connections keep it draining, a second signal to close them."""
     if daemon.proc is None or daemon.proc.poll() is not None:
         return
+    # The admin port may be the thing a scenario broke: then the cost stays unknown.
+    with contextlib.suppress(Exception):
+        check_cost(daemon)
     daemon.signal(signal.SIGTERM)
     try:
         daemon.proc.wait(1.0)

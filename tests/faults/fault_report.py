@@ -33,11 +33,32 @@ class Result:
 RESULTS: list[Result] = []
 
 
+@dataclass
+class CheckCost:
+    """Health-check handshakes and requests kubeprism sent, summed over the API servers."""
+
+    handshakes: int = 0
+    requests: int = 0
+    seconds: float = 0.0  # over how long the daemon ran
+
+    def __str__(self) -> str:
+        return f"checks cost {self.handshakes} handshakes, {self.requests} requests"
+
+
+# The current test's daemon's cost (fault_harness keeps it up to date); None: no daemon.
+COST: list[CheckCost | None] = [None]
+
+
 def record(scenario: str, measured: str, target: str, met: bool, **details: Any) -> None:
     """Print `scenario | measured | target` and keep the exact figures for the summary.
 
-    Recorded before the test asserts, so a missed target still shows its figure.
+    Recorded before the test asserts, so a missed target still shows its figure. The
+    health checks the scenario cost (over its daemon's life) are added to the figure.
     """
+    cost = COST[0]
+    if cost is not None:
+        measured = f"{measured}; {cost}"
+        details = {**details, "check_cost": vars(cost)}
     result = Result(scenario, measured, target, met, details)
     RESULTS.append(result)
     print(f"{scenario} | {measured} | {target}{'' if met else ' (MISSED)'}", flush=True)

@@ -42,6 +42,7 @@ KEYS = {
     "healthCheck": [
         *("type", "path", "interval", "timeout", "caFile", "serverName"),
         *("clientCertFile", "clientKeyFile", "healthyThreshold", "unhealthyThreshold"),
+        *("keepAlive", "fastInterval", "unhealthyInterval", "livenessTimeout", "stallTimeout"),
     ],
     "tcpKeepalive": ["idle", "interval", "count"],
     "admin": ["listen"],
