@@ -68,8 +68,8 @@ class Topology:
             for ns in (self.switch, *(m.ns for m in self.members)):
                 ns.__enter__()
                 self._entered.append(ns)
-            _ip("-n", self.switch.name, "link", "add", "br0", "type", "bridge")
-            _ip("-n", self.switch.name, "link", "set", "br0", "up")
+            run_ip("-n", self.switch.name, "link", "add", "br0", "type", "bridge")
+            run_ip("-n", self.switch.name, "link", "set", "br0", "up")
             for member in self.members:
                 self._attach(member)
         except BaseException:
@@ -101,10 +101,10 @@ class Topology:
         sw = self.switch.name
         # Created in the switch namespace with the peer placed straight into the member's.
         peer = ["peer", "name", IFACE, "netns", member.ns.name]
-        _ip("-n", sw, "link", "add", member.port, "type", "veth", *peer)
-        _ip("-n", sw, "link", "set", member.port, "master", "br0", "up")
-        _ip("-n", member.ns.name, "addr", "add", f"{member.ip}/{PREFIX_LEN}", "dev", IFACE)
-        _ip("-n", member.ns.name, "link", "set", IFACE, "up")
+        run_ip("-n", sw, "link", "add", member.port, "type", "veth", *peer)
+        run_ip("-n", sw, "link", "set", member.port, "master", "br0", "up")
+        run_ip("-n", member.ns.name, "addr", "add", f"{member.ip}/{PREFIX_LEN}", "dev", IFACE)
+        run_ip("-n", member.ns.name, "link", "set", IFACE, "up")
 
     # ------------------------------------------------------------ faults
 
@@ -120,11 +120,11 @@ class Topology:
 
     def port_down(self, member: Member) -> None:
         """Take the member's switch port down: the link goes dark, frames vanish."""
-        _ip("-n", self.switch.name, "link", "set", member.port, "down")
+        run_ip("-n", self.switch.name, "link", "set", member.port, "down")
 
     def port_up(self, member: Member) -> None:
         """Bring the member's switch port back."""
-        _ip("-n", self.switch.name, "link", "set", member.port, "up")
+        run_ip("-n", self.switch.name, "link", "set", member.port, "up")
 
     def reset(self) -> None:
         """Back to a fault-free network between tests: flush iptables, every port up."""
@@ -137,7 +137,8 @@ def _partition_rules() -> list[list[str]]:
     return [["INPUT", "-i", IFACE, "-j", "DROP"], ["OUTPUT", "-o", IFACE, "-j", "DROP"]]
 
 
-def _ip(*args: str) -> None:
+def run_ip(*args: str) -> None:
+    """`ip ARGS`; RuntimeError with its stderr if it fails."""
     proc = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
