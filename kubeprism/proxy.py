@@ -342,6 +342,7 @@ class Proxy:
         # A fresh process knows no health yet: an endpoint that is down is closed as
         # usual when its first probes fail (handle_transition).
         if frozen.address not in self.pool.endpoints:
+            self.stats.closed[CloseReason.REMOVED] += 1  # closed by the caller
             return False
         self.stats.adopted += 1
         self._drained.clear()

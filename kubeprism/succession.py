@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from kubeprism import handover, systemd
-from kubeprism.connection import CloseReason, Frozen
+from kubeprism.connection import Frozen
 from kubeprism.proxy import Proxy
 
 logger = logging.getLogger(__name__)
@@ -200,7 +200,6 @@ def resume(proxy: Proxy, taken: Sequence[Frozen], stored_names: Sequence[str]) -
             close_frozen(frozen)
             closed += 1
     if taken:
-        proxy.stats.closed[CloseReason.REMOVED] += closed
         logger.info(
             "took over %d connection(s) from the previous process%s",
             len(taken) - closed,
