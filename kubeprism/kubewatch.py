@@ -150,7 +150,7 @@ class SliceWatcher:
     ) -> str:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        version, events = await self._watch(session, version)
+        version, events = await self._watch(session, version, backoff)
         self._log_bad_objects()
         if events or loop.time() - started >= WATCH_PROGRESS_SECONDS:
             backoff.reset()
@@ -228,7 +228,9 @@ class SliceWatcher:
         await self._changed()
         return version
 
-    async def _watch(self, session: aiohttp.ClientSession, version: str) -> tuple[str, int]:
+    async def _watch(
+        self, session: aiohttp.ClientSession, version: str, backoff: Backoff
+    ) -> tuple[str, int]:
         """One watch request until the server ends it; (last version, changes applied)."""
         params = {
             "watch": "1",
@@ -246,8 +248,10 @@ class SliceWatcher:
                 for line in splitter.feed(chunk):
                     changed, new_version = self.state.event(line)
                     version = new_version or version
-                    if changed:
+                    if changed:  # progress, even if the watch fails a moment later
                         changes += 1
+                        backoff.reset()
+                        self._recovered()
                         await self._changed()
         return version, changes
 

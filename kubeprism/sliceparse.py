@@ -99,8 +99,10 @@ class SliceSet:
         if name not in self.slices and len(self.slices) >= MAX_SLICES:
             self.bad(f"more than {MAX_SLICES} slices")
             return False, version
+        # The same object again (a server replaying history) is no change and no progress.
+        changed = self.slices.get(name) != obj
         self.slices[name] = obj
-        return True, version
+        return changed, version
 
     def endpoints(self) -> tuple[set[HostPort], dict[str, str]]:
         """Ready, valid endpoints; and the invalid entries with the reason for each."""
