@@ -1,5 +1,5 @@
 """A hostile control plane as a subprocess: a TLS stand-in whose EndpointSlices go through
-a fixed series of phases, one further on each SIGUSR1 (fault suite, scenario 12).
+a fixed series of phases, one further on each SIGUSR1 (fault suite, scenario 13).
 
     python tests/hostile_api.py --host H --port P --cert F --key F --good A:P,B:P
     -> prints "READY <port>"; GET /_standin/slices shows the phase and every request.

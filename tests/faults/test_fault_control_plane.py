@@ -1,4 +1,4 @@
-"""Scenario 12: a hostile control plane. The API server kubeprism prefers (and watches the
+"""Scenario 13: a hostile control plane. The API server kubeprism prefers (and watches the
 EndpointSlices through) goes through six phases: every watch 410,
 slices naming addresses nobody may dial, 10,000 endpoints, a 50 MB list, malformed
 watch events, and finally a good list naming cp1..cp3.
@@ -115,7 +115,7 @@ def _recovered(daemon: DaemonProcess, cluster: Cluster, ups: dict[str, Any] | No
     )
 
 
-def test_12_hostile_control_plane(cluster: Cluster, tmp_path: Path) -> None:
+def test_13_hostile_control_plane(cluster: Cluster, tmp_path: Path) -> None:
     api_proc, api = _hostile_api(cluster)
     kubeconfig = write_kubeconfig(
         cluster.pki, tmp_path / "kubelet.conf", "https://x", {"token": TOKEN}
@@ -177,7 +177,7 @@ def test_12_hostile_control_plane(cluster: Cluster, tmp_path: Path) -> None:
         and TOKEN not in log
     )
     record(
-        "12 hostile control plane",
+        "13 hostile control plane",
         f"{stats.total - len(stats.failed)}/{stats.total} requests served across 6 phases "
         f"(410 loop, forbidden addresses, 10,000 endpoints, 50 MB list, malformed events, "
         f"good list); list+watch {gone_rate:.2f}/s in the 410 loop; /healthz <= "
