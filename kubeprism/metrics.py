@@ -372,11 +372,6 @@ class GuardCollector(Collector):
         requests.add_metric(["watch"], watcher.watches if watcher else 0)
         yield requests
         yield CounterMetricFamily(
-            "kubeprism_discovery_failures",
-            "EndpointSlice list/watch attempts that failed (each followed by a backoff).",
-            value=watcher.failures if watcher else 0,
-        )
-        yield CounterMetricFamily(
             "kubeprism_discovery_malformed_objects",
             "EndpointSlice list items and watch events skipped as malformed.",
             value=watcher.state.bad_objects if watcher else 0,
