@@ -110,6 +110,28 @@ async def test_takeover_closes_what_it_cannot_use_and_resumes_the_rest(tmp_path:
     assert "Traceback" not in log
 
 
+async def test_connections_to_an_endpoint_no_longer_configured_are_closed(
+    tmp_path: Path,
+) -> None:
+    """A restart with a config that dropped the endpoint: its connections are not resumed."""
+    async with LoadServer() as old, LoadServer() as new:
+        cfg = _config(old.port)
+        async with service(cfg, tmp_path) as svc:
+            held = [await open_held(_port(cfg)) for _ in range(5)]
+            cfg["upstreams"] = [f"127.0.0.1:{new.port}"]  # the next process reads this
+            await svc.arestart()
+            ends = await asyncio.gather(*(asyncio.wait_for(r.read(), 5) for r, _ in held))
+            for _, writer in held:
+                writer.close()
+            assert svc.daemon is not None
+            log = svc.daemon.log()
+    assert ends == [b""] * len(held)
+    assert (
+        "took over 0 connection(s) from the previous process; closed 5 whose endpoint is gone"
+        in log
+    )
+
+
 async def _restart_measured(svc: Service, load: Load) -> float:
     """One restart under load; return the forwarding pause (longest ping round trip)."""
     await eventually(lambda: len(load.pings) > 3, 10, message="pings flowing")
