@@ -107,17 +107,24 @@ def netns(_netns_ready: None, request: pytest.FixtureRequest) -> Iterator[NetNS]
 
 
 @pytest.fixture(scope="session")
-def kubeprism_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Host directory holding kubeprism installed from its wheel (offline), bound at /opt/kubeprism.
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Host directory with the project's wheel (from the working tree) and its dependencies'.
 
-    Built once per session: the project's wheel from the working tree, its dependencies from
-    the per-machine wheel cache, installed with `pip --no-index --find-links` in a container.
+    For an offline `pip install --no-index --find-links` inside a container.
     """
     missing = missing_tools()
     if missing:
         pytest.fail(f"missing {', '.join(missing)} (./scripts/test installs them)", pytrace=False)
-    wheels = build_wheelhouse(tmp_path_factory.mktemp("wheels"))
-    return install_venv(tmp_path_factory.mktemp("venv"), wheels)
+    return build_wheelhouse(tmp_path_factory.mktemp("wheels"))
+
+
+@pytest.fixture(scope="session")
+def kubeprism_venv(wheelhouse: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Host directory holding kubeprism installed from `wheelhouse`, bound at /opt/kubeprism.
+
+    Installed once per session, offline, inside a container (so paths match).
+    """
+    return install_venv(tmp_path_factory.mktemp("venv"), wheelhouse)
 
 
 @pytest.fixture(scope="module")
