@@ -9,6 +9,10 @@ WORKDIR /src
 # Only what the wheel is built from (see .dockerignore): tests and benches stay out.
 COPY pyproject.toml README.md ./
 COPY kubeprism ./kubeprism
+# The wheel's data files (share/): the operations guide, the example config, the units.
+COPY docs/operations.md ./docs/
+COPY deploy/kubeprism.yaml ./deploy/
+COPY deploy/systemd ./deploy/systemd
 # kubeprism and every dependency as wheels (the dependencies publish binary wheels for
 # linux x86_64 and aarch64, so no compiler is needed here either).
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .

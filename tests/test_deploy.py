@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -295,6 +296,7 @@ def test_image_build_steps_in_a_clean_venv(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     for name in sources:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
         copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
         copy(REPO / name, src / name)
     wheels = tmp_path / "wheels"
@@ -302,6 +304,16 @@ def test_image_build_steps_in_a_clean_venv(tmp_path: Path) -> None:
     result = run(*pip, "wheel", "--wheel-dir", wheels, src)
     assert result.returncode == 0, result.stderr
     (wheel,) = wheels.glob("kubeprism-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        data = {n.split(".data/data/", 1)[1] for n in archive.namelist() if ".data/data/" in n}
+    # Installed under the venv's share/: Documentation= in the units points at the guide.
+    assert data == {
+        "share/doc/kubeprism/operations.md",
+        "share/doc/kubeprism/kubeprism.yaml",
+        "share/kubeprism/systemd/kubeprism.service",
+        "share/kubeprism/systemd/kubeprism.socket",
+        "share/kubeprism/systemd/kubeprism.service.d/kubelet-credentials.conf",
+    }
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
     result = run(
