@@ -19,7 +19,7 @@ import procs
 
 # How long a proxy may take to become ready before the measurement is given up.
 READY_DEADLINE = 15.0
-# Listen backlog for every proxy, kubeprism's own default (daemon.LISTEN_BACKLOG).
+# Listen backlog for every proxy, kubeprism's own default (listeners.LISTEN_BACKLOG).
 BACKLOG = 4096
 # Connection limit for every proxy: above the idle scenario's 5,000, and low enough that
 # haproxy (2 fds per connection plus maxconn/4 splice pipes) fits a hard RLIMIT_NOFILE of 20,000.

@@ -14,7 +14,8 @@ from kubeprism import __version__, prepare, readable, reloadcmd, succession
 from kubeprism import kubeconfig as kc
 from kubeprism import status as st
 from kubeprism.config import DEFAULT_CONFIG_PATH, ConfigError, config_to_dict
-from kubeprism.daemon import Daemon, StartupError
+from kubeprism.daemon import Daemon
+from kubeprism.listeners import StartupError
 from kubeprism.logs import LOG_FORMATS, LOG_LEVELS, setup_logging
 
 EXIT_OK = 0

@@ -15,7 +15,6 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 from aiohttp import web
@@ -27,6 +26,7 @@ from kubeprism.config import Config, ConfigError, HealthCheckConfig
 from kubeprism.connection import CloseReason, Frozen
 from kubeprism.health import HealthChecker, HealthCost, TcpProbe
 from kubeprism.healthconn import HttpsProbe
+from kubeprism.listeners import StartupError, bind_all
 from kubeprism.logs import set_level
 from kubeprism.membership import Membership
 from kubeprism.metrics import Metrics
@@ -38,46 +38,10 @@ from kubeprism.upstream import Health, Pool, Transition
 
 logger = logging.getLogger(__name__)
 
-# Deep accept queue: a node's clients reconnect all at once after a failover.
-LISTEN_BACKLOG = 4096
 # How long start-up waits for every endpoint's first probe before calling itself ready
 # (and telling systemd READY=1): long enough for a slow TLS handshake, short enough
 # that a dead control plane does not hold the node's boot.
 FIRST_PASS_TIMEOUT = 5.0
-
-
-class StartupError(Exception):
-    """The daemon could not start (a socket could not be bound, ...)."""
-
-
-def bind_listener(address: HostPort, backlog: int = LISTEN_BACKLOG) -> socket.socket:
-    """A bound, listening, non-blocking TCP socket (IPv6 sockets are v6-only)."""
-    family = address.family
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((address.host, address.port))
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise StartupError(f"cannot listen on {address}: {exc.strerror or exc}") from exc
-    return sock
-
-
-def bind_all(addresses: Iterable[HostPort]) -> dict[HostPort, socket.socket]:
-    """Bind every address or none (sockets bound so far are closed on failure)."""
-    bound: dict[HostPort, socket.socket] = {}
-    try:
-        for address in addresses:
-            bound[address] = bind_listener(address)
-    except StartupError:
-        for sock in bound.values():
-            sock.close()
-        raise
-    return bound
 
 
 def proxy_settings(cfg: Config) -> ProxySettings:
