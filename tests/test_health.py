@@ -28,6 +28,7 @@ from kubeprism.health import (
     ProbeResult,
     describe_error,
     is_local_error,
+    wait_or_wake,
 )
 from kubeprism.net import HostPort
 from kubeprism.upstream import EndpointSpec, Health, Pool, Transition
@@ -478,3 +479,10 @@ def test_describe_error(exc: BaseException, reason: str) -> None:
 )
 def test_local_errors_are_told_apart(exc: BaseException, local: bool) -> None:
     assert is_local_error(exc) is local
+
+
+async def test_the_real_wait_ends_on_its_delay_or_when_woken() -> None:
+    event = asyncio.Event()
+    assert await wait_or_wake(event, 0.01) is False
+    asyncio.get_running_loop().call_soon(event.set)
+    assert await wait_or_wake(event, 30) is True

@@ -29,6 +29,7 @@ from kubeprism.healthconn import (
     HttpError,
     HttpsProbe,
     Response,
+    _loss_reason,
     liveness_options,
     make_probe,
     read_response,
@@ -399,3 +400,40 @@ async def test_bad_responses_are_refused(raw: bytes, error: str) -> None:
 async def test_a_truncated_response_is_an_incomplete_read() -> None:
     with pytest.raises(asyncio.IncompleteReadError):
         await parse(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort")
+
+
+async def test_bytes_nobody_asked_for_end_the_connection_as_a_failure(
+    tls: TLSFiles, readyz: ReadyzServer
+) -> None:
+    lost: Lost = []
+    async with https_probe(tls.ca, lost) as probe:
+        assert (await probe(local(readyz.port))).ok
+        for writer in readyz.writers:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await eventually(lambda: lost)
+    assert lost == [
+        (
+            local(readyz.port),
+            "health connection lost: HttpError: the server sent bytes nobody asked for",
+            True,
+        )
+    ]
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (TimeoutError(), "health connection timed out (no answer to keepalive probes)"),
+        (
+            OSError(110, "Connection timed out"),
+            "health connection timed out (no answer to keepalive probes)",
+        ),
+        (ConnectionResetError(104, "reset"), "health connection reset by the server"),
+        (
+            ssl.SSLError(1, "bad record mac"),
+            "health connection lost: SSLError: bad record mac",
+        ),
+    ],
+)
+def test_loss_reasons(exc: BaseException, reason: str) -> None:
+    assert _loss_reason(exc) == reason

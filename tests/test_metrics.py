@@ -13,6 +13,7 @@ from prometheus_client.core import Metric
 from tcpservers import EchoServer
 from util import eventually, free_port
 
+from kubeprism.health import HealthCost
 from kubeprism.metrics import Metrics, Result
 from kubeprism.net import HostPort
 from kubeprism.proxy import Proxy, ProxySettings
@@ -182,3 +183,20 @@ async def test_daemon_labels_forwarded_dials_success_and_refused_dials_failure(
             assert await eventually(forwarded) == 1
     finally:
         await daemon.astop()
+
+
+def test_health_check_cost_per_endpoint_is_read_at_scrape_time() -> None:
+    metrics = Metrics()
+    cost = HealthCost()
+    metrics.watch_health(cost)
+    a, b = HostPort("10.0.0.1", 6443), HostPort("10.0.0.2", 6443)
+    cost.handshakes[a] += 1
+    cost.requests[a] += 12
+    cost.requests[b] += 3
+    text = metrics.exposition().decode()
+    assert metric_sample(text, "kubeprism_health_handshakes_total", endpoint=str(a)) == 1
+    assert metric_sample(text, "kubeprism_health_requests_total", endpoint=str(a)) == 12
+    assert metric_sample(text, "kubeprism_health_requests_total", endpoint=str(b)) == 3
+    cost.requests[b] += 1  # nothing mirrored: the next scrape sees the counter as it is
+    text = metrics.exposition().decode()
+    assert metric_sample(text, "kubeprism_health_requests_total", endpoint=str(b)) == 4
