@@ -226,6 +226,23 @@ def test_stop_does_not_wait_for_the_drain(running: SystemdContainer) -> None:
     assert unit_property(running, "ActiveState") == "active"
 
 
+def test_socket_unit_restarts_a_stopped_service_until_both_are_stopped(
+    running: SystemdContainer,
+) -> None:
+    """What operations.md says: `systemctl stop kubeprism` leaves the socket, and the next
+    client starts the service again; stopping both units stops kubeprism."""
+    connect = ["curl", "-sk", "-o", "/dev/null", "--max-time", "20", "https://127.0.0.1:7445/"]
+    running.run("systemctl", "stop", "kubeprism.service")
+    assert unit_property(running, "ActiveState", "kubeprism.socket") == "active"
+    running.run(*connect, check=False)
+    wait_for(lambda: unit_property(running, "ActiveState") == "active", 30, 0.2, "restarted")
+    running.run("systemctl", "stop", "kubeprism.socket", "kubeprism.service")
+    refused = running.run(*connect, check=False)
+    assert refused.returncode == 7, refused  # curl: failed to connect
+    assert unit_property(running, "ActiveState") == "inactive"
+    running.run("systemctl", "start", "kubeprism.socket", "kubeprism.service", timeout=60)
+
+
 def test_dynamic_user_keeps_the_endpoint_cache_in_its_state_directory(
     running: SystemdContainer,
 ) -> None:
