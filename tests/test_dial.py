@@ -39,8 +39,10 @@ def unaccepted_listener() -> Iterator[tuple[socket.socket, HostPort]]:
 
 @on_uvloop
 async def test_a_silent_first_choice_is_overtaken_not_waited_for() -> None:
+    signs: list[tuple[HostPort, str]] = []
     with black_holes(1) as [hole]:
         async with NamedEcho("A") as a, serving(healthy_pool(hole, a.address)) as rig:
+            rig.pool.on_sign = lambda address, why: signs.append((address, why))
             client = await rig.connect()  # dial_timeout is 2 s: a timeout would count
             assert client.upstream == "A"
             await client.echo(b"served by the next one")
@@ -55,6 +57,8 @@ async def test_a_silent_first_choice_is_overtaken_not_waited_for() -> None:
             again = await rig.connect()
             assert again.upstream == "A"
             assert stats.dials_overtaken == 1
+            # One passive sign, so that the health checker looks at it soon.
+            assert [address for address, _why in signs] == [hole]
 
 
 @on_uvloop
