@@ -202,16 +202,17 @@ async def test_standin_stream_until_client_leaves(
 async def test_standin_shutdown_is_fast_with_open_streams(
     pki: TestPKI, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
-    api = StandinAPIServer("S", ssl_context=pki.server_context())
+    # Streams that waited for aiohttp's shutdown timeout would hold close() for a minute; the
+    # guard is far from both that and a prompt close, so load on the machine cannot flake it.
+    api = StandinAPIServer("S", ssl_context=pki.server_context(), shutdown_timeout=60)
     await api.start()
     responses = [await client.get(api.url + "/stream") for _ in range(3)]
     try:
         for resp in responses:
             assert json.loads(await resp.content.readline())["n"] == 0
         assert api.open_streams == 3
-        started = time.monotonic()
-        await api.close()
-        assert time.monotonic() - started < 0.5
+        async with asyncio.timeout(10):
+            await api.close()
         for resp in responses:  # each stream ends cleanly (chunked terminator), no reset
             await resp.read()
         assert api.open_streams == 0
