@@ -2,7 +2,8 @@
 
 certs.py (TestPKI), standin.py (stand-in kube-apiserver), tcpservers.py (raw TCP upstreams),
 netns.py (network namespaces), nspawn.py (a real systemd in a container), datagen.py
-(deterministic payloads), util.py (eventually, ...).
+(deterministic payloads), util.py (eventually, ...), leakcheck.py (uvloop and the leak check
+under every async test).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from standin import StandinAPIServer
 from tcpservers import EchoServer, NeverReadServer, SinkServer, SourceServer
 
 StandinFactory = Callable[..., Awaitable[StandinAPIServer]]
+
+# leakcheck: uvloop and the leak check for every async test; pytester: tests of that check.
+pytest_plugins = ["leakcheck", "pytester"]
 
 # ---------------------------------------------------------------------------------------------
 # PKI and stand-in API servers

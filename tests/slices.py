@@ -159,9 +159,11 @@ class SliceStore:
                             since = version
                     changed = asyncio.ensure_future(self._changed.wait())
                     ended = asyncio.ensure_future(ending.wait())
-                    await asyncio.wait([changed, ended], return_when=asyncio.FIRST_COMPLETED)
-                    changed.cancel()
-                    ended.cancel()
+                    try:
+                        await asyncio.wait([changed, ended], return_when=asyncio.FIRST_COMPLETED)
+                    finally:  # also when the server's shutdown cancels this handler
+                        changed.cancel()
+                        ended.cancel()
         except TimeoutError:
             pass
         return resp

@@ -205,8 +205,13 @@ class StandinAPIServer:
 
     async def start(self) -> None:
         """Bind and start serving; `.port` is the bound port afterwards."""
+        # handler_cancellation: like kube-apiserver, a watch ends when its client goes away;
+        # aiohttp would otherwise keep its handler waiting after the connection is gone.
         runner = web.AppRunner(
-            self.build_app(), access_log=None, shutdown_timeout=self._shutdown_timeout
+            self.build_app(),
+            access_log=None,
+            shutdown_timeout=self._shutdown_timeout,
+            handler_cancellation=True,
         )
         await runner.setup()
         self._runner = runner

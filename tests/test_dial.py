@@ -13,7 +13,6 @@ from collections.abc import Iterator
 
 from test_proxy_unit import NamedEcho, black_hole, healthy_pool, serving
 from util import eventually
-from uvloop_runner import on_uvloop
 
 from kubeprism.dial import MAX_ATTEMPTS_IN_FLIGHT
 from kubeprism.net import HostPort
@@ -37,7 +36,6 @@ def unaccepted_listener() -> Iterator[tuple[socket.socket, HostPort]]:
         yield sock, HostPort("127.0.0.1", sock.getsockname()[1])
 
 
-@on_uvloop
 async def test_a_silent_first_choice_is_overtaken_not_waited_for() -> None:
     signs: list[tuple[HostPort, str]] = []
     with black_holes(1) as [hole]:
@@ -61,7 +59,6 @@ async def test_a_silent_first_choice_is_overtaken_not_waited_for() -> None:
             assert [address for address, _why in signs] == [hole]
 
 
-@on_uvloop
 async def test_a_fast_first_connect_starts_nothing_else() -> None:
     with unaccepted_listener() as (second, address):
         async with NamedEcho("A") as a, serving(healthy_pool(a.address, address)) as rig:
@@ -77,7 +74,6 @@ async def test_a_fast_first_connect_starts_nothing_else() -> None:
                 pass  # its queue is empty: no connect reached it
 
 
-@on_uvloop
 async def test_attempts_in_flight_are_bounded() -> None:
     n = MAX_ATTEMPTS_IN_FLIGHT + 1
     with black_holes(n) as holes:
@@ -94,7 +90,6 @@ async def test_attempts_in_flight_are_bounded() -> None:
             assert stats.dial_failures + stats.dials_overtaken == n
 
 
-@on_uvloop
 async def test_all_silent_fails_the_client_after_the_timeouts() -> None:
     with black_holes(2) as holes:
         async with serving(healthy_pool(*holes), dial_timeout=0.3) as rig:
@@ -106,7 +101,6 @@ async def test_all_silent_fails_the_client_after_the_timeouts() -> None:
             assert all(rig.ep(h).failures == 1 for h in holes)
 
 
-@on_uvloop
 async def test_close_all_cancels_every_attempt_in_flight() -> None:
     with black_holes(3) as holes:
         async with serving(healthy_pool(*holes), dial_timeout=30.0) as rig:
@@ -116,4 +110,4 @@ async def test_close_all_cancels_every_attempt_in_flight() -> None:
             await eventually(lambda: len(next(iter(rig.proxy._dialing))._attempts) == 3)
             assert rig.proxy.close_all() == 1
             assert rig.proxy.stats.dial_failures == 0
-        # on_uvloop checks that no socket of the three attempts is left open.
+        # The leak check (leakcheck.py) sees that no socket of the three attempts is left open.

@@ -17,7 +17,6 @@ import socket
 import pytest
 from datagen import data_bytes
 from util import eventually
-from uvloop_runner import on_uvloop
 
 from kubeprism.splice import ByteCounter, Mode, Pump, PumpContext
 
@@ -45,7 +44,6 @@ def _pump(mode: Mode, src: socket.socket, dst: socket.socket) -> tuple[Pump, Pum
 
 
 @pytest.mark.parametrize("mode", ["splice", "copy"])
-@on_uvloop
 async def test_freeze_with_bytes_in_flight_then_resume_delivers_each_byte_once(
     mode: Mode,
 ) -> None:
@@ -94,7 +92,6 @@ async def test_freeze_with_bytes_in_flight_then_resume_delivers_each_byte_once(
 
 
 @pytest.mark.parametrize("mode", ["splice", "copy"])
-@on_uvloop
 async def test_freeze_of_an_idle_pump_leaves_nothing(mode: Mode) -> None:
     feeder, src = _tcp_pair()
     sink, dst = _tcp_pair()

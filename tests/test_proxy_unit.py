@@ -21,7 +21,6 @@ from typing import Any, cast
 
 import pytest
 from util import eventually, open_fds
-from uvloop_runner import on_uvloop
 
 from kubeprism import proxy as proxy_module
 from kubeprism.connection import CloseReason
@@ -238,7 +237,6 @@ def black_hole() -> Iterator[HostPort]:
 
 
 @pytest.mark.parametrize("mode", ["splice", "copy"])
-@on_uvloop
 async def test_forwards_and_counts_active_connections(mode: str) -> None:
     async with NamedEcho("A") as a, serving(healthy_pool(a.address), mode=mode) as rig:
         clients = [await rig.connect() for _ in range(3)]
@@ -263,7 +261,6 @@ async def test_forwards_and_counts_active_connections(mode: str) -> None:
         assert stats.client_bytes.value == 3 * (2 + 100_000) + len(b"still here")
 
 
-@on_uvloop
 async def test_socket_options_on_both_legs() -> None:
     """NODELAY both ways; keepalive and TCP_USER_TIMEOUT on the upstream leg, as configured."""
     async with NamedEcho("A") as a, serving(healthy_pool(a.address)) as rig:
@@ -280,7 +277,6 @@ async def test_socket_options_on_both_legs() -> None:
         assert up.getsockopt(tcp, socket.TCP_USER_TIMEOUT) == SETTINGS.user_timeout * 1000
 
 
-@on_uvloop
 async def test_close_connections_to_closes_only_that_endpoint() -> None:
     async with (
         NamedEcho("A") as a,
@@ -307,7 +303,6 @@ async def test_close_connections_to_closes_only_that_endpoint() -> None:
 
 
 @pytest.mark.parametrize("close_on_unhealthy", [True, False])
-@on_uvloop
 async def test_unhealthy_transition_closes_connections_only_when_enabled(
     close_on_unhealthy: bool,
 ) -> None:
@@ -345,7 +340,6 @@ async def test_unhealthy_transition_closes_connections_only_when_enabled(
         await to_b.echo(b"still unaffected")
 
 
-@on_uvloop
 async def test_refused_first_endpoint_is_skipped_transparently() -> None:
     with refusing_port() as refused:
         async with (
@@ -372,7 +366,6 @@ async def test_refused_first_endpoint_is_skipped_transparently() -> None:
             assert stats.dial_failures == 1
 
 
-@on_uvloop
 async def test_all_refused_closes_the_client() -> None:
     with refusing_port() as r1, refusing_port() as r2:
         async with serving(healthy_pool(r1, r2)) as rig:
@@ -383,7 +376,6 @@ async def test_all_refused_closes_the_client() -> None:
             assert (stats.no_upstream, stats.dial_failures, stats.forwarded) == (1, 2, 0)
 
 
-@on_uvloop
 async def test_max_connections_rejects_extra_clients() -> None:
     async with NamedEcho("A") as a, serving(healthy_pool(a.address), max_connections=2) as rig:
         first, _second = await rig.connect(), await rig.connect()
@@ -400,7 +392,6 @@ async def test_max_connections_rejects_extra_clients() -> None:
         assert rig.proxy.stats.rejected == 1
 
 
-@on_uvloop
 async def test_idle_timeout_closes_idle_connections_only() -> None:
     idle_timeout = 0.3
     async with (
@@ -461,7 +452,6 @@ class FlakyListener:
 
 
 @pytest.mark.parametrize("error", [errno.EMFILE, errno.ENFILE])
-@on_uvloop
 async def test_accept_resource_errors_pause_accepting_then_recover(
     error: int, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -494,7 +484,6 @@ async def test_accept_resource_errors_pause_accepting_then_recover(
         assert rig.proxy.stats.accept_errors == failures
 
 
-@on_uvloop
 async def test_close_all_leaves_no_tasks_and_no_fds() -> None:
     async with NamedEcho("A") as a:
         fds_before = open_fds()
@@ -523,7 +512,6 @@ async def test_close_all_leaves_no_tasks_and_no_fds() -> None:
         assert open_fds() == fds_before
 
 
-@on_uvloop
 async def test_a_shorter_idle_timeout_applies_at_once_on_update() -> None:
     """Regression: the sweeper read idleTimeout once, so a reload from 3600 s to 0.2 s
     kept sweeping every 1800 s."""
@@ -534,7 +522,6 @@ async def test_a_shorter_idle_timeout_applies_at_once_on_update() -> None:
         assert rig.proxy.stats.closed[CloseReason.IDLE] == 1
 
 
-@on_uvloop
 async def test_a_dial_raising_a_non_oserror_closes_the_client_and_frees_its_slot() -> None:
     """Port 65536 makes connect() raise OverflowError: each client is closed, no fd or slot
     is kept, and a valid endpoint after it still serves."""
@@ -560,7 +547,6 @@ async def test_a_dial_raising_a_non_oserror_closes_the_client_and_frees_its_slot
         assert open_fds() == fds_before
 
 
-@on_uvloop
 async def test_an_unexpected_error_while_admitting_closes_the_client(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -585,7 +571,6 @@ async def test_an_unexpected_error_while_admitting_closes_the_client(
     assert "unexpected error accepting a connection" in tracebacks[0].getMessage()
 
 
-@on_uvloop
 async def test_passive_signs_a_slow_dial_and_an_upstream_reset(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -26,7 +26,6 @@ from typing import Any
 
 import pytest
 from util import count_fds, eventually
-from uvloop_runner import on_uvloop
 
 from kubeprism import splice
 from kubeprism.splice import ByteCounter, Mode, PipePool, Pump, PumpContext
@@ -165,7 +164,6 @@ def payload(size: int) -> bytes:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@on_uvloop
 async def test_integrity_with_a_slow_reader_pauses_and_resumes_reading(mode: Mode) -> None:
     size = 16 * MiB
     data = payload(size)
@@ -188,7 +186,6 @@ async def test_integrity_with_a_slow_reader_pauses_and_resumes_reading(mode: Mod
 
 
 @pytest.mark.parametrize("mode", MODES)
-@on_uvloop
 async def test_eof_half_closes_dst_and_reports_none(mode: Mode) -> None:
     async with rig(mode) as r:
         await r.send(b"last words", eof=True)
@@ -205,7 +202,6 @@ async def test_eof_half_closes_dst_and_reports_none(mode: Mode) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@on_uvloop
 async def test_reset_source_reports_the_error(mode: Mode) -> None:
     async with rig(mode) as r:
         await r.send(b"x" * 1000)
@@ -224,32 +220,26 @@ async def test_reset_source_reports_the_error(mode: Mode) -> None:
 
 @pytest.mark.parametrize("reads", [splice.READS_PER_WAKEUP, 1])
 @pytest.mark.parametrize("mode", MODES)
-def test_data_and_reset_arriving_together_are_both_seen(
+async def test_data_and_reset_arriving_together_are_both_seen(
     mode: Mode, reads: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Found by tests/faults (scenario 9a): uvloop stops watching a socket after reporting
     POLLERR once, so a pump that read once per wakeup forwarded the data, never saw the
     reset, and held both connections open forever."""
     monkeypatch.setattr(splice, "READS_PER_WAKEUP", reads)
-
-    @on_uvloop
-    async def run() -> None:
-        async with rig(mode) as r:
-            # Both land before the loop polls again: one readiness report with POLLERR.
-            r.feeder.send(b"last words")
-            r.feeder.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            r.feeder.close()
-            assert await r.receive(10) == b"last words"
-            await eventually(lambda: r.done, 5, message="the reset was never noticed")
-            [(_pump, exc)] = r.done
-            assert isinstance(exc, OSError)
-            assert exc.errno == errno.ECONNRESET
-
-    run()
+    async with rig(mode) as r:
+        # Both land before the loop polls again: one readiness report with POLLERR.
+        r.feeder.send(b"last words")
+        r.feeder.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        r.feeder.close()
+        assert await r.receive(10) == b"last words"
+        await eventually(lambda: r.done, 5, message="the reset was never noticed")
+        [(_pump, exc)] = r.done
+        assert isinstance(exc, OSError)
+        assert exc.errno == errno.ECONNRESET
 
 
 @pytest.mark.parametrize("mode", MODES)
-@on_uvloop
 async def test_stop_unregisters_and_closes_a_pipe_that_still_holds_bytes(mode: Mode) -> None:
     async with rig(mode, small_buffers=True) as r:
         sender = asyncio.create_task(r.send(payload(4 * MiB)), name="feeder")
@@ -272,7 +262,6 @@ async def test_stop_unregisters_and_closes_a_pipe_that_still_holds_bytes(mode: M
 
 
 @pytest.mark.parametrize("mode", MODES)
-@on_uvloop
 async def test_idle_pumps_hold_no_pipe_and_the_pool_reuses_pipes(mode: Mode) -> None:
     pool = PipePool()
     try:
@@ -314,7 +303,6 @@ def failing_splice(
 
 
 @pytest.mark.parametrize("direction", ["in", "out"])
-@on_uvloop
 async def test_splice_failure_falls_back_to_copy_without_losing_bytes(
     direction: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -357,7 +345,6 @@ def test_pipe_pool_keeps_at_most_keep_pipes_and_closes_the_rest() -> None:
 
 
 @pytest.mark.parametrize("direction", ["in", "out"])
-@on_uvloop
 async def test_ebadf_from_splice_is_a_bug_that_closes_not_a_fallback(
     direction: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
