@@ -272,7 +272,8 @@ async def test_kubectl_watch_survives_restarts(
                 await svc.arestart()
                 events += [await _event(proc.stdout) for _ in range(5)]
         finally:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):  # uvloop: kubectl already exited
+                proc.kill()
             await proc.communicate()
     assert [e["object"]["n"] for e in events] == list(range(len(events)))
 
