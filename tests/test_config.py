@@ -26,6 +26,7 @@ from kubeprism.config import (
     UpstreamSpec,
     config_from_dict,
     config_to_dict,
+    file_named_by,
     is_loopback,
     load_config,
     parse_duration,
@@ -1116,3 +1117,63 @@ def test_cache_file_empty_disables_it() -> None:
 def test_log_level() -> None:
     assert config_from_dict(at("logLevel", "debug")).log_level == "debug"
     assert error(at("logLevel", "loud")).key == "logLevel"
+
+
+@pytest.mark.parametrize(
+    ("error", "detail"),
+    [
+        (FileNotFoundError(2, "No such file or directory"), "No such file or directory"),
+        (ValueError("not base64"), "not base64"),
+    ],
+)
+def test_a_file_the_config_names_fails_as_a_config_error(error: Exception, detail: str) -> None:
+    with pytest.raises(ConfigError) as info, file_named_by("healthCheck.caFile", "/etc/ca.pem"):
+        raise error
+    assert info.value.key == "healthCheck.caFile"
+    assert info.value.message == f"cannot use /etc/ca.pem: {detail}"
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "message"),
+    [
+        ("upstreams: [10.0.0.1:1]\nupstreams: [10.0.0.2:1]\n", "upstreams", "(line 2)"),
+        ("upstreams: [10.0.0.1:1]\nadmin: {listen: '', listen: ''}\n", "listen", "(line 2)"),
+        ("upstreams: [10.0.0.1:1]\n? [a, b]\n: 1\n", "", "not valid YAML"),
+    ],
+)
+def test_duplicate_keys_are_refused_with_their_line(
+    tmp_path: Path, text: str, key: str, message: str
+) -> None:
+    path = tmp_path / "kubeprism.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == key
+    assert message in info.value.message
+
+
+def _raise(exc: Exception) -> None:
+    raise exc
+
+
+@pytest.mark.parametrize(
+    ("error", "where"),
+    [
+        (lambda: yaml.load("a: *tok3n\n", Loader=yaml.SafeLoader), "line 1, column 4"),
+        (lambda: _raise(yaml.YAMLError("no mark")), "?"),
+    ],
+)
+def test_yaml_errors_in_named_files_give_the_place_never_the_text(error: Any, where: str) -> None:
+    with pytest.raises(ConfigError) as info, file_named_by("discovery.kubernetes.kubeconfig", "kc"):
+        error()
+    assert info.value.message.startswith(f"cannot use kc: not valid YAML at {where}: ")
+    assert "tok3n" not in info.value.message
+
+
+@pytest.mark.parametrize("own", ["127.0.0.1:7445", "127.0.0.1:7446"])
+def test_an_upstream_that_is_kubeprism_itself_is_refused(own: str) -> None:
+    data = {"upstreams": ["10.0.0.1:6443", own], "listen": ["127.0.0.1:7445"]}
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({**data, "admin": {"listen": "127.0.0.1:7446"}})
+    assert info.value.key == "upstreams[1]"
+    assert "loop back into kubeprism" in info.value.message
