@@ -267,3 +267,5 @@ def test_dynamic_user_keeps_the_endpoint_cache_in_its_state_directory(
     assert running.run("readlink", "/var/lib/kubeprism").stdout.strip() == "private/kubeprism"
     cached = running.run("cat", cache).stdout
     assert all(host in cached for host in SERVERS), cached
+    # ExecReload= runs as the dynamic user too: it may signal kubeprism and read its metrics.
+    assert running.run("systemctl", "reload", "kubeprism", check=False).returncode == 0
