@@ -31,6 +31,8 @@ from standin import StandinAPIServer
 from tcpservers import EchoServer
 from util import eventually
 
+from kubeprism.admin import ADMIN_IDLE_TIMEOUT
+
 TOKEN = "tok-9f3b27c4e1d05a68"
 MiB = 1 << 20
 # The bounds.
@@ -417,10 +419,25 @@ async def test_7_idle_admin_connections_cannot_starve_forwarding(
         alive = await asyncio.to_thread(_still_open, idle)
         assert alive <= 32, alive
         assert daemon.fd_count() < 100
+        # Half a request is not a reason to keep a connection: closed after the idle timeout.
+        half = await asyncio.to_thread(
+            socket.create_connection, ("127.0.0.1", daemon.admin_port), 5
+        )
+        idle.append(half)
+        half.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        await eventually(
+            functools.partial(_closed, half), ADMIN_IDLE_TIMEOUT + 3, 0.2, "half request closed"
+        )
+        assert time.monotonic() - started <= ADMIN_IDLE_TIMEOUT + 3
     finally:
         for sock in idle:
             sock.close()
         await daemon.astop()
+
+
+async def _closed(sock: socket.socket) -> bool:
+    return await asyncio.to_thread(_still_open, [sock]) == 0
 
 
 def _still_open(socks: list[socket.socket]) -> int:

@@ -18,11 +18,12 @@ from standin import StandinAPIServer
 from util import eventually
 
 from kubeprism import supervise
-from kubeprism.config import KubernetesDiscoveryConfig
-from kubeprism.discovery import EndpointFilter, parse_endpoint, screen
+from kubeprism.config import ConfigError, KubernetesDiscoveryConfig, config_from_dict
+from kubeprism.discovery import EndpointFilter, merge, parse_endpoint, screen
 from kubeprism.kubewatch import SliceWatcher, load_credentials
 from kubeprism.net import HostPort
 from kubeprism.sliceparse import MAX_SLICES, Gone, LineSplitter, SliceSet, WatchError
+from kubeprism.upstream import EndpointSpec
 
 OWN = (HostPort("127.0.0.1", 7445), HostPort("::1", 7445))
 
@@ -214,3 +215,20 @@ async def test_list_ok_watch_error_is_paced_not_a_loop(
         watcher.close()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def test_a_seed_equal_to_an_own_listen_address_is_a_config_error() -> None:
+    cfg = {"upstreams": ["10.0.0.1:6443", "127.0.0.1:7445"], "listen": ["127.0.0.1:7445"]}
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(cfg)
+    assert info.value.key == "upstreams[1]" and "own listen address" in info.value.message
+
+
+def test_a_seed_name_resolving_to_an_own_listener_is_dropped() -> None:
+    """localhost:7445 passes the config check (a name) but resolves to the listener."""
+    seeds = {
+        HostPort("127.0.0.1", 7445): EndpointSpec(0, frozenset({"dns:localhost"})),
+        HostPort("10.0.0.1", 6443): EndpointSpec(100, frozenset({"static"})),
+    }
+    merged = merge(seeds, [], "kubernetes", EndpointFilter([], OWN), 100)
+    assert list(merged) == [HostPort("10.0.0.1", 6443)]
