@@ -1,4 +1,4 @@
-"""Listener, accept, pick-and-dial with failover, per-connection lifecycle, drain.
+"""Admission, pick-and-dial with failover, per-connection lifecycle, idle sweep, drain.
 
 Sockets here are raw and non-blocking, driven by readiness callbacks; the
 upstream core (upstream.Pool) decides where to go, this module only dials,
@@ -22,17 +22,13 @@ from kubeprism.connection import (
     set_linger_rst,
 )
 from kubeprism.dial import Dial, DialOptions
-from kubeprism.net import ACCEPT_ABORTED_ERRNOS, LOCAL_ERRNOS, HostPort
+from kubeprism.listeners import Acceptor
+from kubeprism.net import LOCAL_ERRNOS, HostPort
 from kubeprism.splice import ByteCounter, Mode, PipePool, PumpContext
 from kubeprism.upstream import Health, Pool, Transition
 
 logger = logging.getLogger(__name__)
 
-# Accepts per readiness event: bounds the time one burst holds the loop.
-ACCEPT_BATCH = 64
-# After EMFILE/ENFILE, wait this long before accepting again: no busy loop, and
-# the listener comes back by itself once descriptors are free.
-ACCEPT_BACKOFF = 0.1
 # Shortest pause between idle sweeps, however short idleTimeout is.
 MIN_SWEEP_PERIOD = 0.05
 # A dial slower than this share of dialTimeout is a passive sign, even though it worked.
@@ -107,12 +103,11 @@ class Proxy:
             self._forget,
             pool.sign,
         )
-        self._listeners: list[socket.socket] = []
+        self._acceptor = Acceptor(loop, self._admit, self._accept_failed)
         self._by_endpoint: dict[HostPort, set[Connection]] = {}
         self._dialing: set[Dial] = set()
         self._dial_options = _dial_options(settings)
         self._local_trouble = False
-        self._accept_trouble = False
         self._internal_trouble = False
         self._sweep_timer: asyncio.TimerHandle | None = None
         self._closed = False
@@ -137,11 +132,7 @@ class Proxy:
 
     def serve(self, listeners: list[socket.socket]) -> None:
         """Start accepting on already bound, listening sockets."""
-        for lsock in listeners:
-            lsock.setblocking(False)
-            lsock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._listeners.append(lsock)
-            self.loop.add_reader(lsock.fileno(), self._on_accept, lsock)
+        self._acceptor.serve(listeners)
         self._schedule_sweep()
 
     def update(self, settings: ProxySettings) -> None:
@@ -154,42 +145,10 @@ class Proxy:
 
     def stop_accepting(self) -> None:
         """Stop taking new connections; the listening sockets stay open for the owner."""
-        for lsock in self._listeners:
-            self.loop.remove_reader(lsock.fileno())
-        self._listeners.clear()
+        self._acceptor.stop()
 
-    def _on_accept(self, lsock: socket.socket) -> None:
-        for _ in range(ACCEPT_BATCH):
-            try:
-                client, _peer = lsock.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self._accept_failed(lsock, exc)
-                return
-            if self._accept_trouble:
-                self._accept_trouble = False
-                logger.info("accepting connections again")
-            self._admit(client)
-
-    def _accept_failed(self, lsock: socket.socket, exc: OSError) -> None:
+    def _accept_failed(self) -> None:
         self.stats.accept_errors += 1
-        if exc.errno in ACCEPT_ABORTED_ERRNOS:
-            return
-        if not self._accept_trouble:  # one line per episode, not one per backoff
-            self._accept_trouble = True
-            if exc.errno in LOCAL_ERRNOS:
-                logger.warning(
-                    "accept failed (%s); pausing accepts for %gs at a time", exc, ACCEPT_BACKOFF
-                )
-            else:
-                logger.error("accept failed unexpectedly (%s); pausing accepts", exc)
-        self.loop.remove_reader(lsock.fileno())
-        self.loop.call_later(ACCEPT_BACKOFF, self._resume_accept, lsock)
-
-    def _resume_accept(self, lsock: socket.socket) -> None:
-        if lsock in self._listeners and lsock.fileno() >= 0:
-            self.loop.add_reader(lsock.fileno(), self._on_accept, lsock)
 
     def _admit(self, client: socket.socket) -> None:
         self.stats.accepted += 1

@@ -24,8 +24,9 @@ from util import eventually, open_fds
 
 from kubeprism import proxy as proxy_module
 from kubeprism.connection import CloseReason
+from kubeprism.listeners import ACCEPT_BACKOFF
 from kubeprism.net import HostPort
-from kubeprism.proxy import ACCEPT_BACKOFF, Proxy, ProxySettings
+from kubeprism.proxy import Proxy, ProxySettings
 from kubeprism.upstream import EndpointSpec, Health, Pool, Transition
 
 SETTINGS = ProxySettings(
@@ -455,7 +456,7 @@ class FlakyListener:
 async def test_accept_resource_errors_pause_accepting_then_recover(
     error: int, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="kubeprism.proxy")
+    caplog.set_level(logging.INFO, logger="kubeprism.listeners")
     failures = 3
     flaky: list[FlakyListener] = []
 
