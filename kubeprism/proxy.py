@@ -24,7 +24,8 @@ from kubeprism.connection import (
 from kubeprism.dial import Dial, DialOptions
 from kubeprism.listeners import Acceptor
 from kubeprism.net import LOCAL_ERRNOS, HostPort
-from kubeprism.splice import ByteCounter, Mode, PipePool, PumpContext
+from kubeprism.pipes import PipePool
+from kubeprism.splice import ByteCounter, Mode, PumpContext
 from kubeprism.upstream import Health, Pool, Transition
 
 logger = logging.getLogger(__name__)

@@ -1,12 +1,10 @@
 """Byte pumps between two raw non-blocking sockets: zero-copy splice(2), copy fallback.
 
-This and proxy.py are the only modules that touch file descriptors. A
-:class:`Pump` moves one direction of a connection from readiness callbacks
-(``add_reader``/``add_writer``), never through asyncio transports: uvloop
-crashes when one socket is driven both ways. Pipes are borrowed from a
-:class:`PipePool` only while bytes are in flight, so an idle connection holds
-no pipe at all (thousands of idle watches would otherwise pin thousands of
-pipes and run into the kernel's per-user pipe page limit).
+The fd-level modules are this one, pipes.py, connection.py, listeners.py and proxy.py.
+A :class:`Pump` moves one direction of a connection from readiness callbacks
+(``add_reader``/``add_writer``), never through asyncio transports: uvloop crashes when
+one socket is driven both ways. Pipes come from a pipes.PipePool, borrowed only while
+bytes are in flight.
 """
 
 from __future__ import annotations
@@ -14,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import socket
@@ -23,15 +20,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from kubeprism.net import SPLICE_UNSUPPORTED_ERRNOS, is_fd_bug
+from kubeprism.pipes import Pipe, PipePool, close_pipe
 
 logger = logging.getLogger(__name__)
 
-# 1 MiB pipes let one splice move a large chunk per wakeup (measured ~1.4x haproxy
-# bulk with this size); capped by /proc/sys/fs/pipe-max-size if that is lower.
-PIPE_SIZE = 1 << 20
-# Enough free pipes for the connections that are busy at any moment; more are
-# closed on return so a burst does not pin pipe pages for good.
-PIPE_POOL_KEEP = 64
 # Copy-mode read size: large enough for bulk, shared by every pump (single thread).
 SCRATCH_SIZE = 256 * 1024
 # In splice mode, a read at least this large switches the pump to splice(2): small
@@ -41,59 +33,14 @@ SPLICE_AFTER = 64 * 1024
 # carries on from a callback of its own (see Pump._on_readable for why it must).
 READS_PER_WAKEUP = 16
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 Mode = Literal["splice", "copy"]
-Pipe = tuple[int, int]
 DoneCallback = Callable[["Pump", "OSError | None"], None]
 
 
 def splice_supported() -> bool:
     """True where os.splice exists (Linux, Python >= 3.10)."""
     return hasattr(os, "splice")
-
-
-class PipePool:
-    """Non-blocking pipes, sized once, handed out while data is in flight."""
-
-    def __init__(self, size: int = PIPE_SIZE, keep: int = PIPE_POOL_KEEP) -> None:
-        self.size = size
-        self.keep = keep
-        self.created = 0
-        self._free: list[Pipe] = []
-
-    def get(self) -> Pipe:
-        """A pipe with nothing in it."""
-        if self._free:
-            return self._free.pop()
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        # Over pipe-max-size or the per-user soft limit the default size still works.
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(w, _F_SETPIPE_SZ, self.size)
-        self.created += 1
-        return r, w
-
-    def put(self, pipe: Pipe) -> None:
-        """Return an empty pipe."""
-        if len(self._free) < self.keep:
-            self._free.append(pipe)
-        else:
-            _close_pipe(pipe)
-
-    @property
-    def free(self) -> int:
-        """Pipes idle in the pool."""
-        return len(self._free)
-
-    def close(self) -> None:
-        """Close every pooled pipe."""
-        while self._free:
-            _close_pipe(self._free.pop())
-
-
-def _close_pipe(pipe: Pipe) -> None:
-    os.close(pipe[0])
-    os.close(pipe[1])
 
 
 class ByteCounter:
@@ -186,7 +133,7 @@ class Pump:
         pipe, self._pipe = self._pipe, None
         if pipe is not None:
             # A pipe that still holds bytes must not go back to the pool.
-            _close_pipe(pipe) if self.pending else self._pipes.put(pipe)
+            close_pipe(pipe) if self.pending else self._pipes.put(pipe)
             self.pending = 0
 
     def freeze(self) -> bytes:

@@ -28,7 +28,8 @@ import pytest
 from util import count_fds, eventually
 
 from kubeprism import splice
-from kubeprism.splice import ByteCounter, Mode, PipePool, Pump, PumpContext
+from kubeprism.pipes import PipePool
+from kubeprism.splice import ByteCounter, Mode, Pump, PumpContext
 
 MODES: list[Mode] = ["splice", "copy"]
 MiB = 1 << 20
