@@ -11,10 +11,13 @@ import asyncio
 import json
 import ssl
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from kubeprism.kubewatch import SliceWatcher
 
 SLICES_PATH = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
 SELECTOR = "kubernetes.io/service-name=kubernetes"
@@ -274,3 +277,14 @@ class ScriptedSlices:
         except ConnectionError:
             pass
         return resp
+
+
+async def run_watcher(watcher: SliceWatcher) -> AsyncIterator[None]:
+    """Run a SliceWatcher for the body of an `async for _ in run_watcher(w):`, then stop it."""
+    task = asyncio.create_task(watcher.run(), name="watcher under test")
+    try:
+        yield
+    finally:
+        watcher.close()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

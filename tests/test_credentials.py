@@ -8,14 +8,13 @@ story (an expired certificate, 401s, a replacement on disk) under systemd.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from certs import TestPKI
 from clients import write_kubeconfig
-from slices import SliceStore, optional_client_cert_context
+from slices import SliceStore, optional_client_cert_context, run_watcher
 from standin import StandinAPIServer
 from util import eventually
 
@@ -41,17 +40,6 @@ def write_node_cert(pki: TestPKI, directory: Path, cn: str) -> Path:
     return target
 
 
-async def watching(watcher: SliceWatcher) -> AsyncIterator[None]:
-    """Run the watcher for the body of an `async for`."""
-    task = asyncio.create_task(watcher.run(), name="watcher under test")
-    try:
-        yield
-    finally:
-        watcher.close()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-
 @pytest.fixture
 async def cluster(pki: TestPKI) -> AsyncIterator[tuple[StandinAPIServer, SliceStore]]:
     """A stand-in serving the slices to any client certificate of the test CA."""
@@ -72,7 +60,7 @@ async def test_a_rotated_client_certificate_is_used_for_the_next_request(
     creds = load_credentials(KubernetesDiscoveryConfig(enabled=True, kubeconfig=str(kc)))
     assert str(cert) in creds.files
     watcher = SliceWatcher(HostPort("127.0.0.1", server.port), creds, lambda _s: None, 0.05)
-    async for _ in watching(watcher):
+    async for _ in run_watcher(watcher):
         await eventually(lambda: any(s.watch for s in store.seen), message="watching")
         write_node_cert(pki, tmp_path, NODE_CN)
         assert creds.changed_on_disk()
@@ -98,7 +86,7 @@ async def test_rejected_requests_are_counted_and_a_fixed_token_file_recovers(
         watcher = SliceWatcher(
             HostPort("127.0.0.1", server.port), load_credentials(kc), found.append, 0.05
         )
-        async for _ in watching(watcher):
+        async for _ in run_watcher(watcher):
             await eventually(lambda: watcher.stats.errors["unauthorized"] >= 1, message="401")
             assert watcher.stats.last_success is None
             token.write_text(TOKEN + "\n")

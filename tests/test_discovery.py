@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 import yaml
 from certs import TestPKI
 from clients import cert_user, write_kubeconfig
-from slices import SliceStore, optional_client_cert_context
+from slices import SliceStore, optional_client_cert_context, run_watcher
 from standin import StandinAPIServer
 from util import eventually
 
@@ -183,16 +182,6 @@ class Updates:
     @property
     def last(self) -> set[HostPort] | None:
         return self.sets[-1] if self.sets else None
-
-
-async def run_watcher(watcher: SliceWatcher) -> AsyncIterator[None]:
-    task = asyncio.create_task(watcher.run(), name="watcher under test")
-    try:
-        yield
-    finally:
-        watcher.close()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 def token_watcher(
