@@ -22,6 +22,10 @@ from kubeprism.config_values import ConfigError
 MAX_DOCUMENT_VALUES = 100_000
 # A real config is a few KiB; reading more (a wrong path, /dev/zero) only wastes time.
 MAX_CONFIG_BYTES = 256 * 1024
+# A real config nests four or five levels deep. PyYAML's scanner costs time in proportion to
+# the open flow collections for every token (`[` x 30,000 took seconds), and its composer and
+# constructor recurse once per level, so deeper documents are refused while still being read.
+MAX_NESTING = 64
 
 
 @contextlib.contextmanager
@@ -52,9 +56,13 @@ def read_document(path: str | Path) -> object:
         size = _expanded_size(data, {})
     except DuplicateKeyError as exc:
         raise ConfigError(exc.key, f"duplicate key in {path} (line {exc.line})") from None
+    except NestingError as exc:
+        raise ConfigError(
+            "", f"{path} is nested too deeply to be a kubeprism config: {exc}"
+        ) from None
     except (yaml.YAMLError, ValueError) as exc:  # ValueError: 2001-02-30, a 5000-digit number
         raise ConfigError("", f"{path} is not valid YAML: {exc}") from exc
-    except RecursionError as exc:
+    except RecursionError as exc:  # aliases nest beyond MAX_NESTING: a: &a [[*a]], b: [[*a]]
         raise ConfigError("", f"{path} is nested too deeply to be a kubeprism config") from exc
     if size > MAX_DOCUMENT_VALUES:
         raise ConfigError(
@@ -74,8 +82,45 @@ class DuplicateKeyError(yaml.YAMLError):
         self.key, self.line = key, line
 
 
-class StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys instead of keeping the last one."""
+class NestingError(yaml.MarkedYAMLError):
+    """Collections nest more than MAX_NESTING deep; str() names the line, never quotes it."""
+
+    def __init__(self, mark: yaml.Mark) -> None:
+        super().__init__(problem=f"more than {MAX_NESTING} levels", problem_mark=mark)
+
+    def __str__(self) -> str:
+        mark = self.problem_mark
+        assert mark is not None
+        return f"{self.problem} at line {mark.line + 1}, column {mark.column + 1}"
+
+
+class ShallowLoader(yaml.SafeLoader):
+    """SafeLoader that refuses documents nested more than MAX_NESTING deep, fast."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:
+        # Checked while scanning: the scanner is where deep flow nesting costs (see MAX_NESTING).
+        if self.flow_level >= MAX_NESTING:
+            raise NestingError(self.get_mark())
+        super().fetch_flow_collection_start(TokenClass)
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        # Block collections (`- - - - 1`, indentation) are cheap to scan but recurse here;
+        # _depth counts the collections this node is inside.
+        if self._depth >= MAX_NESTING and self.check_event(yaml.CollectionStartEvent):
+            raise NestingError(self.get_mark())
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+class StrictLoader(ShallowLoader):
+    """ShallowLoader that refuses duplicate mapping keys instead of keeping the last one."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[object] = set()

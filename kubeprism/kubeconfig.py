@@ -21,7 +21,7 @@ import yaml
 
 from kubeprism.atomic import read_limited
 from kubeprism.atomic import write_atomically as write_file
-from kubeprism.config import yaml_error_text
+from kubeprism.config_yaml import ShallowLoader, yaml_error_text
 
 DEFAULT_KUBECONFIG = "/etc/kubernetes/kubelet.conf"
 DEFAULT_SERVER = "https://127.0.0.1:7445"
@@ -90,7 +90,7 @@ def load(path: Path) -> tuple[str, dict[str, Any]]:
     except UnicodeDecodeError as exc:
         raise KubeconfigError(f"{path}: not UTF-8 text: {exc}") from exc
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=ShallowLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         # Not str(exc): PyYAML quotes the offending line, which may hold a token.
         raise KubeconfigError(f"{path}: {yaml_error_text(exc)}") from None

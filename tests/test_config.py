@@ -32,6 +32,7 @@ from kubeprism.config import (
     parse_duration,
     parse_host_port,
 )
+from kubeprism.config_yaml import MAX_NESTING, read_document
 from kubeprism.net import HostPort
 
 UP = ["10.0.0.1:6443"]
@@ -795,6 +796,42 @@ def test_load_config_bad_files(tmp_path: Path, content: bytes, needle: str) -> N
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert needle in str(info.value)
+
+
+# Each took seconds (PyYAML's scanner) or ended in a RecursionError: the first, with a
+# duplicate key too, made tests/faults 9c time out. The place named is the 65th level, so
+# reading stopped there instead of going on to the end of the document.
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("upstreams: [a]\nupstreams: " + "[" * 30000 + "1" + "]" * 30000, "line 2, column 76"),
+        ("x: " + "{a: " * 30000 + "1" + "}" * 30000, "line 1, column 257"),
+        ("upstreams:\n" + "- " * 30000 + "1\n", "line 2, column 128"),
+        ("x:\n" + "".join(" " * i + "- \n" for i in range(1, 200)), "line 65, column 66"),
+    ],
+)
+def test_deep_nesting_is_refused_while_reading(tmp_path: Path, text: str, where: str) -> None:
+    path = tmp_path / "deep.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert f"nested too deeply to be a kubeprism config: more than {MAX_NESTING} levels" in str(
+        info.value
+    )
+    assert where in str(info.value)
+
+
+def test_nesting_up_to_the_limit_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "deep.yaml"
+    path.write_text("x: " + "[" * (MAX_NESTING - 1) + "1" + "]" * (MAX_NESTING - 1) + "\n")
+    assert read_document(path) == {"x": nested_list(MAX_NESTING - 1)}
+
+
+def nested_list(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return value
 
 
 def test_load_config_unreadable(tmp_path: Path) -> None:

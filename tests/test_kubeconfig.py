@@ -255,6 +255,7 @@ def test_symlinked_kubeconfig_is_rewritten_through_the_link(tmp_path: Path) -> N
         ("listen: [127.0.0.1:7445]\nupstreams: [10.0.0.1:6443]\n", [], "not a kubeconfig"),
         ("kind: Pod\nclusters: []\n", [], "kind is 'Pod'"),
         ("clusters: [\n", [], "not valid YAML"),
+        ("clusters: " + "[" * 30000 + "]" * 30000 + "\n", [], "more than 64 levels"),
         ("kubeconfig", ["--server", "http://127.0.0.1:7445"], "expected https://HOST:PORT"),
     ],
 )
