@@ -28,8 +28,9 @@ from tcpservers import EchoServer, NeverReadServer, SinkServer, SourceServer
 
 StandinFactory = Callable[..., Awaitable[StandinAPIServer]]
 
-# leakcheck: uvloop and the leak check for every async test; pytester: tests of that check.
-pytest_plugins = ["leakcheck", "pytester"]
+# failure_reports: a failure report cannot end the run; leakcheck: uvloop and the leak check
+# for every async test; pytester: tests of those.
+pytest_plugins = ["failure_reports", "leakcheck", "pytester"]
 
 # ---------------------------------------------------------------------------------------------
 # PKI and stand-in API servers

@@ -104,9 +104,9 @@ async def stream_client(port: int, size: int, load: Load) -> None:
     stream = Stream(size, StreamVerifier(size))
     load.streams.append(stream)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    sender = asyncio.create_task(_send(writer, size), name="load client send")
     try:
         writer.write(f"S {size}\n".encode())
-        sender = asyncio.create_task(_send(writer, size), name="load client send")
         digest = hashlib.sha256()
         while data := await reader.read(READ_SIZE):
             stream.verifier.feed(data)
@@ -116,6 +116,12 @@ async def stream_client(port: int, size: int, load: Load) -> None:
     except OSError as exc:
         stream.error = repr(exc)
     finally:
+        # The sender's error is the stream's: retrieved here, not logged when the task is
+        # collected, maybe in the middle of pytest's failure report (failure_reports.py).
+        sender.cancel()
+        await asyncio.wait([sender])
+        if not sender.cancelled() and sender.exception() is not None:
+            stream.error = stream.error or repr(sender.exception())
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
