@@ -11,16 +11,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import importlib
 import logging
 import signal
 import socket
 import time
 from pathlib import Path
-
-from aiohttp import web
+from typing import TYPE_CHECKING
 
 from kubeprism import handover, prepare, succession, systemd
-from kubeprism.admin import AdminSite, admin_app, admin_runner
 from kubeprism.cadence import Intervals
 from kubeprism.config import Config, ConfigError, HealthCheckConfig
 from kubeprism.connection import CloseReason, Frozen
@@ -35,6 +34,12 @@ from kubeprism.passive import StallWatch
 from kubeprism.prepare import Prepared
 from kubeprism.proxy import Proxy, ProxySettings
 from kubeprism.upstream import Health, Pool, Transition
+
+# aiohttp (the admin server, and the discovery client in kubewatch.py) takes ~0.3 s to
+# import, more on a loaded node: loaded in a thread once forwarding runs (_load_aiohttp),
+# not before it, so a restart's pause in forwarding does not include it.
+if TYPE_CHECKING:
+    from aiohttp import web
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +105,7 @@ class Daemon:
         self._handover: str | None = None
         self._reexec_task: asyncio.Task[None] | None = None
         self.successor: tuple[list[Frozen], list[socket.socket]] | None = None
+        self._runner: web.AppRunner | None = None  # the admin server's, once forwarding runs
 
     # ------------------------------------------------------------ start-up
 
@@ -162,22 +168,26 @@ class Daemon:
             loop.add_signal_handler(sig, self.request_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         loop.add_signal_handler(signal.SIGUSR2, self.request_reexec)
-        runner = admin_runner(admin_app(self.pool, self.metrics))
-        await runner.setup()
         try:
-            await self._serve(runner)
+            await self._serve()
         finally:
-            await self._shutdown(runner)
+            await self._shutdown()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
                 loop.remove_signal_handler(sig)
 
-    async def _serve(self, runner: web.AppRunner) -> None:
+    async def _serve(self) -> None:
         started = time.monotonic()
         await self.membership.refresh()
         self._take_over()
-        if self.admin_socket is not None:
-            await AdminSite(runner, self.admin_socket).start()
         self.proxy.serve(self.listeners)
+        # Forwarding first; the admin server and discovery (which need aiohttp) after it.
+        await _load_aiohttp()
+        from kubeprism.admin import AdminSite, admin_app, admin_runner  # noqa: PLC0415
+
+        self._runner = admin_runner(admin_app(self.pool, self.metrics))
+        await self._runner.setup()
+        if self.admin_socket is not None:
+            await AdminSite(self._runner, self.admin_socket).start()
         self.membership.start()
         complete = await self.checker.first_pass(FIRST_PASS_TIMEOUT)
         logger.info(
@@ -358,7 +368,7 @@ class Daemon:
             self.successor = (frozen, list(self.listeners))
             self.listeners = []  # not closed: exec_in_place passes them on
 
-    async def _shutdown(self, runner: web.AppRunner) -> None:
+    async def _shutdown(self) -> None:
         if self._handover == "exec":
             systemd.reloading(time.monotonic_ns() // 1000)
         else:
@@ -388,8 +398,15 @@ class Daemon:
                 await asyncio.gather(task, return_exceptions=True)
         await self.checker.stop()
         await self.probe.close()
-        await runner.cleanup()
+        if self._runner is not None:
+            await self._runner.cleanup()
         logger.info("stopped")
+
+
+async def _load_aiohttp() -> None:
+    """Import the admin server (and so all of aiohttp) in a thread: the event loop keeps
+    forwarding meanwhile instead of stopping for the whole import."""
+    await asyncio.to_thread(importlib.import_module, "kubeprism.admin")
 
 
 async def _close_after(probe: HttpsProbe | TcpProbe, delay: float) -> None:

@@ -18,9 +18,7 @@ import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from kubeprism.config import ConfigError
 from kubeprism.credentials import Credentials, load_credentials
@@ -35,6 +33,12 @@ from kubeprism.sliceparse import (
     slice_endpoints,
 )
 from kubeprism.supervise import Backoff, Pacer
+
+# aiohttp is imported where a request is made, not here: importing it costs ~0.3 s (the
+# client parses the system CA bundle at import), and this module is on the path to the
+# first forwarded byte (membership, metrics). The daemon loads it once forwarding runs.
+if TYPE_CHECKING:
+    import aiohttp
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +132,8 @@ class SliceWatcher:
         WATCH_PROGRESS_SECONDS): a list that works followed by a watch that fails at once,
         or a 410 on every watch, must not turn into a request loop.
         """
+        import aiohttp  # noqa: PLC0415  (see the TYPE_CHECKING import)
+
         backoff = Backoff(BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_JITTER)
         connector = aiohttp.TCPConnector(ssl=self.credentials.ssl)
         async with aiohttp.ClientSession(connector=connector) as session:
@@ -138,7 +144,7 @@ class SliceWatcher:
                         version = await self._watch_once(session, version, backoff)
                 except Gone:
                     self._failed("the watch expired (410 Gone)")
-                except _EXPECTED as exc:
+                except (aiohttp.ClientError, *_EXPECTED) as exc:
                     self.stats.errors[error_reason(exc)] += 1
                     self._failed(f"{type(exc).__name__}: {str(exc)[:300]}")
                     if isinstance(exc, Unauthorized) and self.refresh_credentials():
@@ -205,6 +211,8 @@ class SliceWatcher:
     def _get(
         self, session: aiohttp.ClientSession, params: dict[str, str], total: float | None
     ) -> Any:
+        import aiohttp  # noqa: PLC0415  (see the TYPE_CHECKING import)
+
         self.refresh_credentials()
         return session.get(
             self.base_url + SLICES_PATH,
@@ -327,9 +335,8 @@ async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
 
 
 # What a broken or hostile API server (or a proxy in front of it) can make a request end
-# with; anything else is a bug, left to the task supervisor.
+# with (and aiohttp.ClientError); anything else is a bug, left to the task supervisor.
 _EXPECTED = (
-    aiohttp.ClientError,
     OSError,
     TimeoutError,
     ValueError,
@@ -341,6 +348,8 @@ _EXPECTED = (
 
 def error_reason(exc: BaseException) -> str:
     """The `reason` label for a discovery error (one of ERROR_REASONS)."""
+    import aiohttp  # noqa: PLC0415  (see the TYPE_CHECKING import)
+
     if isinstance(exc, Unauthorized):
         return "unauthorized"
     if isinstance(exc, HTTPStatusError):

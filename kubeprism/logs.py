@@ -8,8 +8,6 @@ import os
 import sys
 import time
 
-from aiohttp.http_exceptions import HttpProcessingError
-
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # journald reads a "<N>" prefix on stream lines as the syslog priority (SyslogLevelPrefix=),
@@ -70,6 +68,10 @@ class _DropMalformedRequests(logging.Filter):
     Errors raised by our own handlers are still logged."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # Imported here: only aiohttp's server logs through this filter, so aiohttp is loaded
+        # by then, and logging is set up long before the daemon needs aiohttp (daemon.py).
+        from aiohttp.http_exceptions import HttpProcessingError  # noqa: PLC0415
+
         exc = record.exc_info[1] if record.exc_info else None
         return not isinstance(exc, HttpProcessingError)
 
