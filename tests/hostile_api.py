@@ -63,14 +63,28 @@ def malformed_lines(good: bytes) -> list[bytes]:
 
 
 class Script:
-    """The phases, applied to a ScriptedSlices one after another."""
+    """The phases, applied to a ScriptedSlices one after another.
+
+    Every body is built before READY: building the 50 MB one takes this process's only
+    thread for 0.4 s (seconds on a loaded machine), longer than kubeprism's health-check
+    timeout twice over, and a real API server's /readyz does not wait for a list to be
+    built. Built on SIGUSR1 it got this server marked down and its connections closed.
+    """
 
     def __init__(self, slices: ScriptedSlices, good: list[str], own: str) -> None:
-        self.slices, self.own, self.phase = slices, own, -1
+        self.slices, self.phase = slices, -1
         self.good = list_body(
             *(slice_object(f"k{i}", [a.rsplit(":", 1)[0]], int(a.rsplit(":", 1)[1]))
               for i, a in enumerate(good))
         )  # fmt: skip
+        padding = {"padding": "p" * (50 * MiB)}
+        self.bodies: dict[str, tuple[bytes, list[bytes]]] = {
+            "forbidden": (forbidden_list(own), []),
+            "many": (many_list(), []),
+            "huge": (list_body(slice_object("huge", ["10.250.0.11"], 6443) | padding), []),
+            "malformed": (list_body(), malformed_lines(self.good)),
+            "good": (self.good, []),
+        }
         self.next()
 
     def next(self) -> None:
@@ -79,17 +93,9 @@ class Script:
         name = PHASES[self.phase]
         if name == "gone":
             self.slices.serve(self.good, watch_status=410)
-        elif name == "forbidden":
-            self.slices.serve(forbidden_list(self.own))
-        elif name == "many":
-            self.slices.serve(many_list())
-        elif name == "huge":
-            padding = {"padding": "p" * (50 * MiB)}
-            self.slices.serve(list_body(slice_object("huge", ["10.250.0.11"], 6443) | padding))
-        elif name == "malformed":
-            self.slices.serve(list_body(), *malformed_lines(self.good))
         else:
-            self.slices.serve(self.good)
+            body, lines = self.bodies[name]
+            self.slices.serve(body, *lines)
 
     async def state(self, request: web.Request) -> web.Response:
         """The phase and every request so far (monotonic times: one clock per machine)."""
