@@ -17,6 +17,7 @@ from certs import TestPKI
 from nspawn import REPO_INSIDE, VENV, SystemdContainer
 from systemd_node import (
     CONFIG,
+    CONFIG_PATH,
     DRAIN_TIMEOUT,
     DROP_IN_DIR,
     KUBELET_CERT,
@@ -269,3 +270,40 @@ def test_dynamic_user_keeps_the_endpoint_cache_in_its_state_directory(
     assert all(host in cached for host in SERVERS), cached
     # ExecReload= runs as the dynamic user too: it may signal kubeprism and read its metrics.
     assert running.run("systemctl", "reload", "kubeprism", check=False).returncode == 0
+
+
+def test_load_credential_copies_are_refreshed_only_by_a_restart(running: SystemdContainer) -> None:
+    """LoadCredential= as docs/operations.md describes it: `check-config` before the start
+    cannot see the path, the service reads systemd's copy, and a changed source reaches the
+    service only with a restart (a reload keeps the old copy).
+
+    Before, the docs promised that such a file was re-read on every request.
+    """
+    cred = "/run/credentials/kubeprism.service/probe-ca"
+    source = "/etc/kubeprism/probe-ca.pem"
+    drop_in = f"{DROP_IN_DIR}/probe-ca.conf"
+    config = running.run("cat", CONFIG_PATH).stdout
+    running.sh(
+        f"install -m 0600 {PKI}/ca.pem {source}\n"
+        f"printf '[Service]\\nLoadCredential=probe-ca:{source}\\n' > {drop_in}\n"
+        "systemctl daemon-reload\n"
+    )
+    try:
+        install_config(running, config.replace(f"{PKI}/ca.pem", cred))
+        early = running.run("kubeprism", "check-config", check=False)
+        assert early.returncode == 2, early
+        assert "healthCheck.caFile" in early.stderr, early.stderr
+        running.run("systemctl", "restart", "kubeprism.service", timeout=60)
+        wait_for(lambda: unit_property(running, "ActiveState") == "active", 30, 0.2, "active")
+        original = running.run("cat", cred).stdout
+        assert original == running.run("cat", source).stdout
+        running.sh(f"printf '\\n' >> {source}\n")  # the source is rotated
+        assert running.run("systemctl", "reload", "kubeprism", check=False).returncode == 0
+        assert running.run("cat", cred).stdout == original  # a reload keeps the old copy
+        running.run("systemctl", "restart", "kubeprism.service", timeout=60)
+        wait_for(lambda: unit_property(running, "ActiveState") == "active", 30, 0.2, "active")
+        assert running.run("cat", cred).stdout == original + "\n"
+    finally:
+        running.sh(f"rm -f {drop_in} {source}\nsystemctl daemon-reload\n")
+        install_config(running, config)
+        running.run("systemctl", "restart", "kubeprism.service", timeout=60)
