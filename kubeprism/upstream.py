@@ -29,9 +29,11 @@ LATENCY_EWMA_ALPHA = 0.3
 # a +-20 % swing end to end, so jitter alone cannot carry an endpoint across both bounds.
 EQUAL_FACTOR = 2.0
 SLOW_FACTOR = 3.0
-# Below a millisecond or two a factor is probe noise (scheduling, TLS CPU), not distance.
+# Below a millisecond a factor is probe noise (scheduling, TLS CPU), not distance; and a few
+# milliseconds of a busy API server's answer must not put it in the slow class, where it gets
+# no new connections (fault 3 showed every request herded onto one server by 2-5 ms of noise).
 EQUAL_MARGIN = 0.001
-SLOW_MARGIN = 0.002
+SLOW_MARGIN = 0.010
 # How long latency must stay across a bound before the class changes. Demotion is quick
 # (a slower server should stop taking new connections soon); promotion must prove itself.
 DEMOTE_HOLD = 3.0

@@ -73,9 +73,9 @@ def classes(pool: Pool) -> list[str]:
         (10 * MS, 29.9 * MS, "equal"),  # first figure: only the slow bound demotes
         (10 * MS, 30 * MS, "slow"),
         (10 * MS, 500 * MS, "slow"),
-        (0.1 * MS, 2.0 * MS, "equal"),  # 20x, but within the absolute margin
-        (0.1 * MS, 2.1 * MS, "slow"),
-        (0.0, 1.9 * MS, "equal"),
+        (0.1 * MS, 10.0 * MS, "equal"),  # 100x, but within the absolute margin
+        (0.1 * MS, 10.2 * MS, "slow"),
+        (0.0, 9.9 * MS, "equal"),
         (0.0, SLOW_MARGIN, "slow"),
     ],
 )
