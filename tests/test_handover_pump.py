@@ -16,26 +16,12 @@ import socket
 
 import pytest
 from datagen import data_bytes
-from util import eventually
+from util import eventually, tcp_pair
 
 from kubeprism.splice import ByteCounter, Mode, Pump, PumpContext
 
 SENT = 8 << 20
 SMALL_BUFFER = 64 * 1024
-
-
-def _tcp_pair(rcvbuf: int | None = None) -> tuple[socket.socket, socket.socket]:
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        client = socket.socket()
-        if rcvbuf is not None:  # before connect: the window scale is fixed by the SYN
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        client.connect(listener.getsockname())
-        server, _ = listener.accept()
-    for sock in (client, server):
-        sock.setblocking(False)
-    return client, server
 
 
 def _pump(mode: Mode, src: socket.socket, dst: socket.socket) -> tuple[Pump, PumpContext]:
@@ -48,8 +34,8 @@ async def test_freeze_with_bytes_in_flight_then_resume_delivers_each_byte_once(
     mode: Mode,
 ) -> None:
     loop = asyncio.get_running_loop()
-    feeder, src = _tcp_pair()
-    sink, dst = _tcp_pair(rcvbuf=SMALL_BUFFER)
+    feeder, src = tcp_pair()
+    sink, dst = tcp_pair(rcvbuf=SMALL_BUFFER)
     dst.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
     data = data_bytes(SENT)
     old, old_ctx = _pump(mode, src, dst)
@@ -93,8 +79,8 @@ async def test_freeze_with_bytes_in_flight_then_resume_delivers_each_byte_once(
 
 @pytest.mark.parametrize("mode", ["splice", "copy"])
 async def test_freeze_of_an_idle_pump_leaves_nothing(mode: Mode) -> None:
-    feeder, src = _tcp_pair()
-    sink, dst = _tcp_pair()
+    feeder, src = tcp_pair()
+    sink, dst = tcp_pair()
     pump, ctx = _pump(mode, src, dst)
     try:
         pump.start()

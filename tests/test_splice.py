@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from util import count_fds, eventually
+from util import count_fds, eventually, tcp_pair
 
 from kubeprism import splice
 from kubeprism.pipes import PipePool
@@ -65,21 +65,6 @@ class RecordingLoop:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._loop, name)
-
-
-def tcp_pair(rcvbuf: int | None = None) -> tuple[socket.socket, socket.socket]:
-    """A connected non-blocking TCP pair on 127.0.0.1: (connecting side, accepted side)."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        client = socket.socket()
-        if rcvbuf is not None:  # before connect: the window scale is fixed by the SYN
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        client.connect(listener.getsockname())
-        server, _ = listener.accept()
-    for sock in (client, server):
-        sock.setblocking(False)
-    return client, server
 
 
 @dataclass

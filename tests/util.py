@@ -204,3 +204,18 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 5.0) -> int:
         if stream is not None:
             stream.close()
     return proc.returncode
+
+
+def tcp_pair(rcvbuf: int | None = None) -> tuple[socket.socket, socket.socket]:
+    """A connected non-blocking TCP pair on 127.0.0.1: (connecting side, accepted side)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = socket.socket()
+        if rcvbuf is not None:  # before connect: the window scale is fixed by the SYN
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        client.connect(listener.getsockname())
+        server, _ = listener.accept()
+    for sock in (client, server):
+        sock.setblocking(False)
+    return client, server
