@@ -71,6 +71,28 @@ def summarize(
     return out
 
 
+def revision_notes(summary: dict[str, dict[str, dict[str, Any]]], new: str, old: str) -> list[str]:
+    """Per metric: the working tree's median over another revision's, with both sample ranges.
+
+    The ranges are the noise to judge the ratio by: a ratio inside them is no change.
+    """
+    notes = []
+    for metric in all_metrics():
+        row = summary.get(metric.key, {})
+        a, b = row.get(new), row.get(old)
+        if not a or not b or not a["median"] or not b["median"]:
+            continue
+        notes.append(
+            f"{metric.label}: {new} / {old} = {a['median'] / b['median']:.2f}"
+            f" (samples {_span(a['samples'])} vs {_span(b['samples'])} {metric.unit})"
+        )
+    return notes
+
+
+def _span(samples: list[float]) -> str:
+    return f"{_fmt(min(samples))}-{_fmt(max(samples))}" if samples else "-"
+
+
 def _fmt(x: float | None) -> str:
     if x is None:
         return "-"

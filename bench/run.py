@@ -54,6 +54,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="CPU lists for load tools, proxy and upstream servers (default "
         f"{DEFAULT_PIN}: the proxy alone on CPU 1); 'none' leaves placement to the scheduler",
     )
+    p.add_argument(
+        "--compare",
+        default="",
+        metavar="REV",
+        help="also measure kubeprism-splice as of git revision REV in the same run\n"
+        "(interleaved with the rest; the report adds each figure's ratio to it)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for json/md/png")
     p.add_argument("--tag", default="", help="suffix for the result file names")
     p.add_argument("--note", action="append", default=[], help="a note for the report (repeatable)")
@@ -237,24 +244,27 @@ def main(argv: list[str] | None = None) -> int:
     nofile = procs.raise_nofile()
     if nofile < 4 * sizes.idle_conns:
         notes.append(f"RLIMIT_NOFILE is {nofile}: the idle scenario may run out of fds")
-    now = dt.datetime.now(dt.UTC)
-    meta = {
-        "date": now.strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(),
-        "versions": versions(),
-        "config": {
-            "reps": reps,
-            "quick": args.quick,
-            "seconds": sizes.seconds,
-            "idle_conns": sizes.idle_conns,
-            "targets": [t.name for t in chosen],
-            "scenarios": names,
-            "baseline": targets.BASELINE,
-            "pinning": dict(procs.AFFINITY) or "none",
-        },
-    }
-    print("\n".join(report.header_lines(meta)), file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="kubeprism-bench-") as tmp:
+        if args.compare:
+            old = targets.at_revision(args.compare, Path(tmp) / "revisions")
+            chosen.insert(1 if chosen[0].name == "kubeprism-splice" else 0, old)
+        now = dt.datetime.now(dt.UTC)
+        meta = {
+            "date": now.strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine(),
+            "versions": versions(),
+            "config": {
+                "reps": reps,
+                "quick": args.quick,
+                "seconds": sizes.seconds,
+                "idle_conns": sizes.idle_conns,
+                "targets": [t.name for t in chosen],
+                "scenarios": names,
+                "baseline": targets.BASELINE,
+                "pinning": dict(procs.AFFINITY) or "none",
+            },
+        }
+        print("\n".join(report.header_lines(meta)), file=sys.stderr)
         ctx = scenarios.Context(sizes, Path(tmp))
         samples, runs = run_all(chosen, names, reps, ctx)
     return finish(args, meta, chosen, names, samples, runs, notes, now)
@@ -285,6 +295,9 @@ def finish(
             f"(median; max {background[-1]:.2f}) while measurements ran"
         )
     goal_for = "kubeprism-splice" if "kubeprism-splice" in tnames else tnames[-1]
+    old = next((t for t in tnames if t.startswith("kubeprism-splice@")), None)
+    if old is not None and "kubeprism-splice" in tnames:
+        notes += report.revision_notes(summary, "kubeprism-splice", old)
     rows = report.table_rows(summary, tnames, goal_for)
     print("\n".join(report.header_lines(meta)))
     print(report.text_table(rows))

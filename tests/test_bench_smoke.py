@@ -62,3 +62,41 @@ def test_quick_bench_reports_every_scenario(tmp_path: Path) -> None:
                     value = metrics[key][target]["median"]
                     assert isinstance(value, float | int), (scenario, key, target, value)
     assert (tmp_path / result.name.replace(".json", ".md")).exists()
+
+
+def _bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--out", str(tmp_path)]
+    return subprocess.run(
+        [*argv, *args],
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_TIMEOUT,
+        check=False,
+        cwd=tmp_path,
+    )
+
+
+def test_compare_measures_another_revision_in_the_same_run(tmp_path: Path) -> None:
+    head = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    only = "kubeprism-splice,haproxy"
+    done = _bench(tmp_path, "--only", only, "--scenarios", "keepalive", "--compare", "HEAD")
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = tmp_path.glob("*.json")
+    doc = json.loads(result.read_text())
+    old = f"kubeprism-splice@{head}"
+    assert doc["config"]["targets"] == ["kubeprism-splice", old, "haproxy"]
+    assert not [r for r in doc["runs"] if "error" in r]
+    rps = doc["scenarios"]["keepalive"]["keepalive_rps"]
+    assert rps[old]["median"] > 0 and rps["kubeprism-splice"]["median"] > 0
+    assert any(n.startswith(f"HTTP keep-alive: kubeprism-splice / {old} = ") for n in doc["notes"])
+
+
+def test_compare_names_a_revision_that_does_not_exist(tmp_path: Path) -> None:
+    done = _bench(tmp_path, "--only", "kubeprism-splice", "--compare", "no-such-rev")
+    assert done.returncode != 0
+    assert "--compare: 'no-such-rev' is not a commit here" in done.stderr
