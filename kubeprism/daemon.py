@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import gc
 import importlib
 import logging
@@ -33,6 +34,7 @@ from kubeprism.net import HostPort
 from kubeprism.passive import StallWatch
 from kubeprism.prepare import Prepared
 from kubeprism.proxy import Proxy, ProxySettings
+from kubeprism.supervise import supervised
 from kubeprism.upstream import Health, Pool, Transition
 
 # aiohttp (the admin server, and the discovery client in kubewatch.py) takes ~0.3 s to
@@ -150,9 +152,8 @@ class Daemon:
             self.pool, self.probe, intervals(hc), self._on_transition, self.metrics.observe_probe
         )
         self.stalls = StallWatch(hc.stall_timeout, self.pool.sign)
-        self._stall_task = loop.create_task(
-            self.stalls.run(self.proxy.connections, time.monotonic), name="stall sweeper"
-        )
+        sweep = functools.partial(self.stalls.run, self.proxy.connections, time.monotonic)
+        self._stall_task = supervised("stall sweeper", sweep)
         self.membership = Membership(self.pool, self.checker.sync, self._retire)
         self.membership.configure(
             cfg.upstreams, cfg.discovery, self.credentials, cfg.listen[0], _own(cfg)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import random
 import ssl
@@ -22,12 +23,16 @@ from typing import Protocol
 
 from kubeprism.cadence import Cadence, Intervals
 from kubeprism.net import LOCAL_ERRNOS, HostPort
+from kubeprism.supervise import supervised
 from kubeprism.upstream import Pool, Transition
 
 logger = logging.getLogger(__name__)
 
 # Keep a reason short enough for a log line and a /upstreams cell.
 MAX_REASON = 160
+# kubeprism_task_restarts_total{task} label of every endpoint's check loop (one label for
+# all of them: endpoints come and go, the metric's series must not).
+HEALTH_TASK = "health check"
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,8 +190,8 @@ class HealthChecker:
         for address in self.pool.endpoints:
             if address not in self._loops:
                 loop = self._loops[address] = _Loop(Cadence(self.intervals))
-                loop.task = asyncio.get_running_loop().create_task(
-                    self._run(address, loop), name=f"health {address}"
+                loop.task = supervised(
+                    HEALTH_TASK, functools.partial(self._run, address, loop), f"health {address}"
                 )
         self._update_first()
 

@@ -1,9 +1,9 @@
 """Background tasks that cannot die quietly, and the retry pacing they share.
 
-Every long-running loop (the EndpointSlice watch, DNS refresh, sweepers) runs under
-`supervised()`: an unexpected exception is logged with its traceback (once per
-distinct error, not once per restart), counted by task name, and the loop started
-again after a jittered, doubling delay. The data path never depends on one of them
+Every long-running loop (the EndpointSlice watch, DNS refresh, each endpoint's health
+check, the stall sweeper) runs under `supervised()`: an unexpected exception is logged
+with its traceback (once per distinct error, not once per restart), counted by task name,
+and the loop started again after a jittered, doubling delay. The data path never depends on one of them
 staying alive; this keeps them alive anyway.
 """
 
@@ -78,9 +78,14 @@ class Supervisor:
     def __init__(self) -> None:
         self.restarts: collections.Counter[str] = collections.Counter()
 
-    def start(self, name: str, factory: LoopFactory) -> asyncio.Task[None]:
-        """Run ``factory()`` as task ``name`` until it returns or is cancelled."""
-        return asyncio.get_running_loop().create_task(self._keep(name, factory), name=name)
+    def start(
+        self, name: str, factory: LoopFactory, task_name: str | None = None
+    ) -> asyncio.Task[None]:
+        """Run ``factory()`` until it returns or is cancelled, restarts counted under
+        ``name``; the asyncio task is called ``task_name`` (default: ``name``), so loops
+        of one kind (one per endpoint) share a counter but stay told apart in tracebacks."""
+        coro = self._keep(name, factory)
+        return asyncio.get_running_loop().create_task(coro, name=task_name or name)
 
     async def _keep(self, name: str, factory: LoopFactory) -> None:
         loop = asyncio.get_running_loop()
@@ -111,6 +116,6 @@ class Supervisor:
 SUPERVISOR = Supervisor()
 
 
-def supervised(name: str, factory: LoopFactory) -> asyncio.Task[None]:
+def supervised(name: str, factory: LoopFactory, task_name: str | None = None) -> asyncio.Task[None]:
     """Start a loop under the process's supervisor."""
-    return SUPERVISOR.start(name, factory)
+    return SUPERVISOR.start(name, factory, task_name)

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 import pytest
 from util import eventually
 
-from kubeprism.cadence import JITTER, Intervals
+from kubeprism import supervise
+from kubeprism.cadence import JITTER, Cadence, Intervals
 from kubeprism.health import (
+    HEALTH_TASK,
     MAX_REASON,
     HealthChecker,
     ProbeResult,
@@ -304,6 +306,32 @@ async def test_a_probe_that_raises_counts_as_failed_and_checking_continues(
     [record] = [r for r in caplog.records if r.name == "kubeprism.health"]
     assert record.levelno == logging.DEBUG  # the transition is the visible log line
     assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
+
+
+async def test_a_loop_bug_outside_the_probe_restarts_the_loop_counted_and_checking_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(supervise, "RESTART_FIRST", 0.01)
+    crashes: list[int] = []
+    after_check = Cadence.after_check
+
+    def buggy(self: Cadence, *args: object) -> float:
+        if not crashes:
+            crashes.append(1)
+            raise RuntimeError("cadence bug")
+        return after_check(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Cadence, "after_check", buggy)
+    before = supervise.SUPERVISOR.restarts[HEALTH_TASK]
+    async with harness(A) as h:
+        h.probe.push(A, fail(), OK)
+        await eventually(lambda: h.pool.endpoints[A].probes == 2)
+        # The restarted loop checked at once and recorded both answers; its task keeps
+        # the endpoint's name.
+        assert [t.new for t in h.transitions] == [Health.UNHEALTHY, Health.HEALTHY]
+        assert set(health_tasks()) == {f"health {A}"}
+    assert supervise.SUPERVISOR.restarts[HEALTH_TASK] == before + 1
+    assert "task 'health check' failed; restarting it" in caplog.text
 
 
 async def test_a_probe_failing_for_a_local_reason_is_no_verdict_on_the_endpoint(
