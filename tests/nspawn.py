@@ -260,6 +260,8 @@ class SystemdContainer:
         tb: TracebackType | None,
     ) -> None:
         self.poweroff()
+        if exc_type is None:  # kept after a failure: boot errors name it
+            self.console.unlink(missing_ok=True)
 
     def boot(self) -> None:
         """Start systemd-nspawn and wait until the container's boot has finished."""
