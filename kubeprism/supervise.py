@@ -3,8 +3,8 @@
 Every long-running loop (the EndpointSlice watch, DNS refresh, each endpoint's health
 check, the stall sweeper) runs under `supervised()`: an unexpected exception is logged
 with its traceback (once per distinct error, not once per restart), counted by task name,
-and the loop started again after a jittered, doubling delay. The data path never depends on one of them
-staying alive; this keeps them alive anyway.
+and the loop started again after a jittered, doubling delay. The data path never depends
+on one of them staying alive; this keeps them alive anyway.
 """
 
 from __future__ import annotations
