@@ -21,7 +21,7 @@ from conftest import StandinFactory
 from datagen import BLOCK_SIZE, StreamVerifier, data_bytes, data_chunks, large_body_sha256
 from netns import NetNS
 from standin import FAILED_HEALTH_BODY, StandinAPIServer, StandinProcess, standin_argv
-from tcpservers import EchoServer, NeverReadServer, SinkServer, SourceServer
+from tcpservers import EchoServer, NeverReadServer, SinkServer, SourceServer, _TCPServer
 from util import eventually, kubectl_argv, run_kubectl, wait_for
 
 MiB = 1024 * 1024
@@ -355,6 +355,35 @@ async def test_never_read_server_applies_backpressure() -> None:
             writer.transport.abort()  # do not wait to flush to a server that never reads
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+
+class _FloodThenClose(_TCPServer):
+    """Writes more than the socket buffers hold and returns: the close waits for a flush."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handled = asyncio.Event()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(bytes(64 * MiB))
+        self.handled.set()
+
+
+async def test_server_close_while_a_handler_waits_for_its_close_does_not_raise() -> None:
+    # Cancelling a handler inside writer.wait_closed() cancels that writer's close future;
+    # close() awaited it again and raised CancelledError into the test.
+    server = _FloodThenClose()
+    await server.start()
+    _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        await asyncio.wait_for(server.handled.wait(), 10)
+        assert server.active == 1  # in wait_closed: the client reads nothing
+        await asyncio.wait_for(server.close(), 10)
+        assert server.active == 0
+    finally:
+        writer.transport.abort()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
 
 
 async def test_server_close_aborts_live_connections() -> None:
