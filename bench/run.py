@@ -103,7 +103,15 @@ def kubeprism_source() -> dict[str, str]:
     if commit.startswith("fatal"):
         info["source"] = where
         return info
-    dirty = first_line(["git", "-C", where, "status", "--porcelain", "."])
+    # Not first_line(): a clean tree prints nothing, which first_line() reports as "unknown".
+    status = subprocess.run(
+        ["git", "-C", where, "status", "--porcelain", "."],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    dirty = status.returncode != 0 or bool(status.stdout.strip())
     info["source"] = f"{where} at {commit}" + (" + uncommitted changes" if dirty else "")
     return info
 
