@@ -30,6 +30,7 @@ def endpoint_view(ep: Endpoint) -> dict[str, Any]:
         "suspect": ep.suspect,
         "reason": ep.reason,
         "latencySeconds": ep.latency,
+        "latencyFloorSeconds": ep.floor,  # the class is judged on this
         "latencyClass": ep.latency_class,
         "activeConnections": ep.active,
         "connectionsTotal": ep.connections_total,

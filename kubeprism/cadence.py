@@ -6,7 +6,8 @@ random number in [0, 1), so every rule here is a table test. Three paces:
 - *slow* (``interval``, 5 s by default) while an endpoint is healthy and nothing looks
   wrong; the first slow wait after start-up is a random fraction of it, so a fleet
   restarted together does not check in lockstep;
-- *fast* (``fastInterval``, 250 ms) while results disagree with the current state, and
+- *fast* (``fastInterval``, 250 ms) while results disagree with the current state, once
+  after an endpoint's first latency figure (its class waits for a second), and
   right after a passive sign (a failed or slow dial, a reset or stalled forwarded
   connection, a lost health connection, a changed endpoint set);
 - *backing off* while an endpoint is down: from ``fastInterval`` doubling up to
@@ -71,6 +72,10 @@ class Cadence:
                 self.down_streak += 1
             return gap * (1 + JITTER * rand)
         self.down_streak = 0
+        if ep.awaiting_class:
+            # A second figure soon: one alone never decides the latency class, and the
+            # first one is often inflated (concurrent TLS handshakes of the first pass).
+            return iv.fast
         if not self.phased:
             self.phased = True
             # At least one fast interval, so the phase never means two checks back to back.

@@ -34,6 +34,15 @@ SLOW_FACTOR = 3.0
 # no new connections (fault 3 showed every request herded onto one server by 2-5 ms of noise).
 EQUAL_MARGIN = 0.001
 SLOW_MARGIN = 0.010
+# Classes are judged on an endpoint's *floor*, the lowest of its last FLOOR_FIGURES
+# figures, not on the average: noise (a busy server or node, the first pass's concurrent
+# TLS handshakes) only ever adds latency, while distance is in every figure. Measured in the
+# fault suite under CPU load, three identical servers' first figures were 1.5-30 ms and
+# the average put one of them in the slow class for the whole scenario.
+FLOOR_FIGURES = 3
+# A class is first decided on this many figures (the checker takes the second one a fast
+# interval after the first): one figure alone never makes a server slow.
+FIRST_DECISION_FIGURES = 2
 # How long latency must stay across a bound before the class changes. Demotion is quick
 # (a slower server should stop taking new connections soon); promotion must prove itself.
 DEMOTE_HOLD = 3.0
@@ -83,13 +92,15 @@ class Endpoint:
     reason: str = "not checked yet"
     successes: int = 0
     failures: int = 0
-    latency: float | None = None
+    latency: float | None = None  # the average, for display and attempt delays
+    recent: list[float] = field(default_factory=list)  # the last FLOOR_FIGURES figures
     active: int = 0
     connections_total: int = 0
     dial_failures_total: int = 0
     changed_at: float | None = None
     probes: int = field(default=0)
-    # Latency class: None until measured, then False (equal to the best) or True (slow).
+    # Latency class: None until FIRST_DECISION_FIGURES figures, then False (equal to the
+    # best) or True (slow).
     slow: bool | None = None
     # Since when the latency has been across the bound that would change the class.
     crossed_at: float | None = None
@@ -107,6 +118,16 @@ class Endpoint:
         if self.health is Health.HEALTHY:
             return self.suspect
         return self.health is Health.UNHEALTHY and self.successes > 0
+
+    @property
+    def floor(self) -> float | None:
+        """The lowest recent latency figure: what the class is judged on."""
+        return min(self.recent) if self.recent else None
+
+    @property
+    def awaiting_class(self) -> bool:
+        """Measured, but on too few figures to decide its class yet (check again soon)."""
+        return 0 < len(self.recent) < FIRST_DECISION_FIGURES
 
     @property
     def latency_class(self) -> str:
@@ -289,21 +310,22 @@ class Pool:
         return transition
 
     def _classify(self, now: float | None) -> None:
-        """Settle every endpoint's latency class against the best of its priority.
+        """Settle every endpoint's latency class against the best floor of its priority.
 
         ``now`` None: the endpoint set or a health state changed, which is no noise to
-        wait out, so pending crossings are decided at once.
+        wait out, so pending crossings are decided at once. A single figure may be the
+        reference (noise never makes a figure too low) but is never judged itself.
         """
         best: dict[int, tuple[bool, float]] = {}
         for ep in self.endpoints.values():
-            if ep.latency is not None:
+            if ep.recent:
                 # The best healthy endpoint is the reference; without one, the best of all.
-                key = (ep.health is not Health.HEALTHY, ep.latency)
+                key = (ep.health is not Health.HEALTHY, min(ep.recent))
                 old = best.get(ep.priority)
                 best[ep.priority] = key if old is None else min(old, key)
         for ep in self.endpoints.values():
-            if ep.latency is not None:
-                _settle(ep, ep.latency, best[ep.priority][1], now)
+            if len(ep.recent) >= FIRST_DECISION_FIGURES:
+                _settle(ep, min(ep.recent), best[ep.priority][1], now)
 
 
 def _smooth(ep: Endpoint, seconds: float) -> None:
@@ -312,12 +334,14 @@ def _smooth(ep: Endpoint, seconds: float) -> None:
         if ep.latency is None
         else LATENCY_EWMA_ALPHA * seconds + (1 - LATENCY_EWMA_ALPHA) * ep.latency
     )
+    ep.recent.append(seconds)
+    del ep.recent[:-FLOOR_FIGURES]
 
 
 def _settle(ep: Endpoint, latency: float, best: float, now: float | None) -> None:
-    """The class state machine: the first figure decides, later a crossing must hold."""
+    """The class state machine: the first decision is at once, later a crossing must hold."""
     if latency <= best or ep.slow is None:
-        # The best is equal by definition; a first figure is not noise around a class.
+        # The best is equal by definition; a first decision is no crossing of a bound.
         ep.slow, ep.crossed_at = latency > best and _at_slow_bound(latency, best), None
         return
     if ep.slow:
@@ -345,7 +369,7 @@ def _preference(ep: Endpoint) -> tuple[bool, int, bool, float, int]:
     # connections open, but new ones go elsewhere until it answers again. Unknown
     # latency counts as equal: at start-up the first server measured must not take all.
     slow = ep.slow is True
-    return (ep.suspect, ep.priority, slow, (ep.latency or 0.0) if slow else 0.0, ep.active)
+    return (ep.suspect, ep.priority, slow, (ep.floor or 0.0) if slow else 0.0, ep.active)
 
 
 def _next_health(ep: Endpoint, healthy_threshold: int, unhealthy_threshold: int) -> Health:

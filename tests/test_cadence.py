@@ -38,6 +38,17 @@ def test_the_first_slow_wait_is_a_random_phase_then_the_interval_plus_jitter(ran
     assert second == third == pytest.approx(IV.ready * (1 + JITTER * rand))
 
 
+def test_a_first_latency_figure_is_confirmed_a_fast_interval_later_then_the_phase() -> None:
+    one_figure = endpoint(Health.HEALTHY, successes=1)
+    one_figure.recent = [0.03]
+    two_figures = endpoint(Health.HEALTHY, successes=2)
+    two_figures.recent = [0.03, 0.002]
+    cadence = Cadence(IV)
+    assert gaps(cadence, [one_figure, two_figures, two_figures], 0.5) == pytest.approx(
+        [IV.fast, IV.ready * 0.5, IV.ready * (1 + JITTER * 0.5)]
+    )
+
+
 def test_phases_spread_over_the_whole_interval() -> None:
     firsts = [gaps(Cadence(IV), [HEALTHY], r / 100)[0] for r in range(100)]
     assert min(firsts) == IV.fast  # never two checks back to back

@@ -40,7 +40,10 @@ B = HostPort("10.0.0.2", 6443)
 C = HostPort("10.0.0.3", 6443)
 INTERVAL, FAST, DOWN = 10.0, 0.5, 2.0
 IV = Intervals(INTERVAL, FAST, DOWN)
-OK = ProbeResult(True, 0.002, "ok")
+# Most checker tests are about health and pace: their good answers carry no latency figure,
+# which would add the class-confirming check (MEASURED, test_a_first_figure_is_confirmed_...).
+OK = ProbeResult(True, None, "ok")
+MEASURED = ProbeResult(True, 0.002, "ok")
 
 
 def fail(reason: str = "HTTP 500 from /readyz") -> ProbeResult:
@@ -224,6 +227,17 @@ async def test_waits_count_from_the_start_of_each_check(r: float) -> None:
         )
 
 
+async def test_a_first_figure_is_confirmed_at_once_then_the_phase_follows() -> None:
+    async with harness(A, rand=0.5) as h:
+        h.probe.push(A, MEASURED, MEASURED, MEASURED)
+        await eventually(lambda: len(h.sleep.delays[f"health {A}"]) == 3)
+        # One latency figure never decides a class: the second comes a fast interval later.
+        assert h.sleep.delays[f"health {A}"] == pytest.approx(
+            [FAST, INTERVAL * 0.5, INTERVAL * (1 + JITTER * 0.5)]
+        )
+        assert h.pool.endpoints[A].latency_class == "equal"
+
+
 async def test_phases_differ_between_nodes() -> None:
     """Nodes restarted together: their second checks spread over the whole interval."""
     firsts = []
@@ -243,7 +257,7 @@ async def test_a_probe_slower_than_the_interval_probes_again_at_once() -> None:
 
 
 async def test_transitions_only_on_change_with_hysteresis_and_observer_per_probe() -> None:
-    script = [OK, fail("f1"), fail("f2"), fail("f3"), fail("f4"), OK, OK, OK]
+    script = [MEASURED, fail("f1"), fail("f2"), fail("f3"), fail("f4"), OK, OK, OK]
     async with harness(A, B, healthy_threshold=2, unhealthy_threshold=3) as h:
         h.probe.push(A, *(Step(r, duration=0.01 * (i + 1)) for i, r in enumerate(script)))
         h.probe.push(B, fail("refused"))
@@ -261,7 +275,7 @@ async def test_transitions_only_on_change_with_hysteresis_and_observer_per_probe
     assert [s for s, _ in observed_a] == pytest.approx([0.01 * (i + 1) for i in range(8)])
     assert [ok for _, ok in observed_a] == [r.ok for r in script]
     assert h.pool.endpoints[A].reason == "ok"
-    assert h.pool.endpoints[A].latency == pytest.approx(OK.latency)
+    assert h.pool.endpoints[A].latency == pytest.approx(MEASURED.latency)
 
 
 async def test_sync_starts_new_loops_and_cancels_removed_ones() -> None:

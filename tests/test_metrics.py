@@ -82,6 +82,7 @@ def _filled_metrics() -> Metrics:
     spec = EndpointSpec(priority=0, sources=frozenset({"static"}))
     pool.reconcile({MEASURED: spec, UNMEASURED: spec})
     pool.record_probe(MEASURED, True, 0.004, "ok", now=1.0)
+    pool.record_probe(MEASURED, True, 0.004, "ok", now=1.25)  # a class needs two figures
     metrics = Metrics()
     proxy = Proxy(asyncio.get_running_loop(), pool, SETTINGS, lambda _t: None)
     metrics.watch(pool, proxy)

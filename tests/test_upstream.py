@@ -13,6 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from kubeprism.net import HostPort
 from kubeprism.upstream import (
+    FIRST_DECISION_FIGURES,
     LATENCY_EWMA_ALPHA,
     Endpoint,
     EndpointSpec,
@@ -52,6 +53,8 @@ def set_state(
     """
     ep = pool.endpoints[addr(i)]
     ep.priority, ep.latency, ep.active, ep.health = priority, latency, active, health
+    # As many figures of that latency as decide a first class.
+    ep.recent = [] if latency is None else [latency] * FIRST_DECISION_FIGURES
     ep.slow = None
 
 
