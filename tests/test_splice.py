@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from util import count_fds, eventually, tcp_pair
+from util import count_fds, eventually, tcp_pair, wait_for
 
 from kubeprism import splice
 from kubeprism.pipes import PipePool
@@ -350,3 +350,24 @@ async def test_ebadf_from_splice_is_a_bug_that_closes_not_a_fallback(
         assert r.ctx.fallbacks == 0
     assert any(m.startswith("BUG: ") for m in caplog.messages)
     assert not any("splice failed" in m for m in caplog.messages)
+
+
+def test_established_tells_when_a_short_read_may_skip_the_read_for_eagain() -> None:
+    """A short read stops reading only while the connection is ESTABLISHED: a FIN or a
+    reset that came with the data is read in the same wakeup."""
+    a, b = tcp_pair()
+    c, d = tcp_pair()
+    try:
+        assert splice._established(b)
+        a.shutdown(socket.SHUT_WR)  # FIN: b goes to CLOSE_WAIT
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()  # reset: d goes to CLOSE
+        # Loopback delivers both within the calls above; polled all the same.
+        wait_for(lambda: not splice._established(b), message="CLOSE_WAIT after the FIN")
+        wait_for(lambda: not splice._established(d), message="CLOSE after the reset")
+    finally:
+        for sock in (a, b, d):
+            sock.close()
+    left, right = socket.socketpair()  # not TCP: read again, as without the shortcut
+    with left, right:
+        assert not splice._established(left)
