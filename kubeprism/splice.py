@@ -209,9 +209,10 @@ class Pump:
         self._writing = on
 
     def _on_readable(self) -> None:
-        # Read until EAGAIN, EOF or an error, never just once: uvloop (libuv) stops watching
-        # a socket after one POLLERR report, so data and a reset arriving together left the
-        # reset unread and the connection (two fds) open forever.
+        # Read until EAGAIN, EOF or an error (or a short read of a still ESTABLISHED socket,
+        # see _copy_in), never just once: uvloop (libuv) stops watching a socket after one
+        # POLLERR report, so data and a reset arriving together left the reset unread and
+        # the connection (two fds) open forever.
         try:
             for _ in range(READS_PER_WAKEUP):
                 if not (self._splice_in() if self._splicing else self._copy_in()):
@@ -328,14 +329,12 @@ class Pump:
             self._want_read(False)
             self._want_write(True)
             return False
-        if n < len(self._scratch) and _established(self.src):
-            # A short read took all there was. Level-triggered polling reports new data,
-            # so one more recv() for EAGAIN (a syscall and an exception, ~7 % of a small
-            # request's cost) is needed only when the peer sent a FIN or a reset: those
-            # leave ESTABLISHED, and uvloop stops watching after one POLLERR (see
-            # _on_readable), so they are read in this wakeup.
-            return False
-        return True
+        # A short read took all there was. Level-triggered polling reports new data, so one
+        # more recv() for EAGAIN (a syscall and an exception, ~7 % of a small request's
+        # cost) is needed only when the peer sent a FIN or a reset: those leave
+        # ESTABLISHED, and uvloop stops watching after one POLLERR (see _on_readable), so
+        # they are read in this wakeup.
+        return n == len(self._scratch) or not _established(self.src)
 
     def _copy_out(self) -> bool:
         """Send the backlog; True when it is all sent."""
