@@ -231,7 +231,7 @@ class Pool:
             return None
         ep.probes += 1
         if ok and latency is not None:
-            _smooth(ep, latency)
+            _add_figure(ep, latency)
         transition = self._observe(ep, ok, reason, now)
         if transition is None and ok and latency is not None:
             self._classify(now)
@@ -241,7 +241,7 @@ class Pool:
         """Feed one latency figure (a probe's duration, a smoothed RTT, ...) of ``address``."""
         ep = self.endpoints.get(address)
         if ep is not None:
-            _smooth(ep, seconds)
+            _add_figure(ep, seconds)
             self._classify(now)
 
     def record_overtaken(self, address: HostPort) -> bool:
@@ -328,7 +328,8 @@ class Pool:
                 _settle(ep, min(ep.recent), best[ep.priority][1], now)
 
 
-def _smooth(ep: Endpoint, seconds: float) -> None:
+def _add_figure(ep: Endpoint, seconds: float) -> None:
+    """One more latency figure: into the average and the floor's memory."""
     ep.latency = (
         seconds
         if ep.latency is None
