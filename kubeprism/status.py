@@ -80,7 +80,9 @@ def healthy_count(data: dict[str, Any]) -> int:
 
 def _cell(ep: dict[str, Any], key: str) -> str:
     if key == "latency":
-        seconds = ep.get("latencySeconds")
+        # The floor is what the class is judged on; a daemon from before it has only the
+        # average.
+        seconds = ep.get("latencyFloorSeconds", ep.get("latencySeconds"))
         return "-" if seconds is None else f"{seconds * 1000:.2f}ms"
     value = ep.get(key)
     if isinstance(value, list):

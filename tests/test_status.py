@@ -15,6 +15,8 @@ from daemon_proc import REPO, DaemonProcess, base_config
 from tcpservers import EchoServer
 from util import free_port
 
+from kubeprism import status
+
 TIMEOUT = 20.0
 
 
@@ -138,3 +140,16 @@ async def test_something_that_is_not_kubeprism_exits_3() -> None:
     assert "is it kubeprism?" in err
     assert "Traceback" not in err
     assert out == ""
+
+
+def test_the_latency_column_shows_the_floor_and_falls_back_to_the_average() -> None:
+    def row(**latency: float) -> dict[str, Any]:
+        return {"address": "10.0.0.1:6443", "state": "healthy", "priority": 100, **latency}
+
+    def latency_cell(ep: dict[str, Any]) -> str:
+        table = status.format_table({"endpoints": [ep], "panic": False})
+        return table.splitlines()[3].split()[4]
+
+    assert latency_cell(row(latencySeconds=0.009, latencyFloorSeconds=0.0012)) == "1.20ms"
+    assert latency_cell(row(latencySeconds=0.009)) == "9.00ms"  # a daemon from before floors
+    assert latency_cell(row()) == "-"
