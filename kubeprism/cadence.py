@@ -7,7 +7,7 @@ random number in [0, 1), so every rule here is a table test. Three paces:
   wrong; the first slow wait after start-up is a random fraction of it, so a fleet
   restarted together does not check in lockstep;
 - *fast* (``fastInterval``, 250 ms) while results disagree with the current state, once
-  after an endpoint's first latency figure (its class waits for a second), and
+  after an endpoint's first latency figure (its class is provisional until a second), and
   right after a passive sign (a failed or slow dial, a reset or stalled forwarded
   connection, a lost health connection, a changed endpoint set);
 - *backing off* while an endpoint is down: from ``fastInterval`` doubling up to
@@ -73,8 +73,8 @@ class Cadence:
             return gap * (1 + JITTER * rand)
         self.down_streak = 0
         if ep.awaiting_class:
-            # A second figure soon: one alone never decides the latency class, and the
-            # first one is often inflated (concurrent TLS handshakes of the first pass).
+            # A second figure soon: a class on one figure is provisional, and the first
+            # one is often inflated (concurrent TLS handshakes of the first pass).
             return iv.fast
         if not self.phased:
             self.phased = True

@@ -40,8 +40,10 @@ SLOW_MARGIN = 0.010
 # fault suite under CPU load, three identical servers' first figures were 1.5-30 ms and
 # the average put one of them in the slow class for the whole scenario.
 FLOOR_FIGURES = 3
-# A class is first decided on this many figures (the checker takes the second one a fast
-# interval after the first): one figure alone never makes a server slow.
+# A class decided on fewer figures is provisional: it orders new connections at once (a far
+# server gets none even right after start-up) but is decided afresh at every turn, with no
+# hold, until this many figures confirm it (the checker takes the second one a fast
+# interval after the first): one inflated figure costs a server ~250 ms, not a hold.
 FIRST_DECISION_FIGURES = 2
 # How long latency must stay across a bound before the class changes. Demotion is quick
 # (a slower server should stop taking new connections soon); promotion must prove itself.
@@ -99,9 +101,10 @@ class Endpoint:
     dial_failures_total: int = 0
     changed_at: float | None = None
     probes: int = field(default=0)
-    # Latency class: None until FIRST_DECISION_FIGURES figures, then False (equal to the
-    # best) or True (slow).
+    # Latency class: None until measured, then False (equal to the best) or True (slow);
+    # provisional while decided on fewer than FIRST_DECISION_FIGURES figures.
     slow: bool | None = None
+    provisional: bool = False
     # Since when the latency has been across the bound that would change the class.
     crossed_at: float | None = None
     # A dial to it was overtaken by a later one (staggered dials): suspect, not failed.
@@ -126,7 +129,7 @@ class Endpoint:
 
     @property
     def awaiting_class(self) -> bool:
-        """Measured, but on too few figures to decide its class yet (check again soon)."""
+        """Measured, but on too few figures to confirm its class yet (check again soon)."""
         return 0 < len(self.recent) < FIRST_DECISION_FIGURES
 
     @property
@@ -313,8 +316,7 @@ class Pool:
         """Settle every endpoint's latency class against the best floor of its priority.
 
         ``now`` None: the endpoint set or a health state changed, which is no noise to
-        wait out, so pending crossings are decided at once. A single figure may be the
-        reference (noise never makes a figure too low) but is never judged itself.
+        wait out, so pending crossings are decided at once.
         """
         best: dict[int, tuple[bool, float]] = {}
         for ep in self.endpoints.values():
@@ -324,7 +326,7 @@ class Pool:
                 old = best.get(ep.priority)
                 best[ep.priority] = key if old is None else min(old, key)
         for ep in self.endpoints.values():
-            if len(ep.recent) >= FIRST_DECISION_FIGURES:
+            if ep.recent:
                 _settle(ep, min(ep.recent), best[ep.priority][1], now)
 
 
@@ -340,10 +342,12 @@ def _add_figure(ep: Endpoint, seconds: float) -> None:
 
 
 def _settle(ep: Endpoint, latency: float, best: float, now: float | None) -> None:
-    """The class state machine: the first decision is at once, later a crossing must hold."""
-    if latency <= best or ep.slow is None:
+    """The class state machine: a first or provisional decision is at once, later a
+    crossing must hold."""
+    if latency <= best or ep.slow is None or ep.provisional:
         # The best is equal by definition; a first decision is no crossing of a bound.
         ep.slow, ep.crossed_at = latency > best and _at_slow_bound(latency, best), None
+        ep.provisional = len(ep.recent) < FIRST_DECISION_FIGURES
         return
     if ep.slow:
         across, hold = latency <= max(EQUAL_FACTOR * best, best + EQUAL_MARGIN), PROMOTE_HOLD

@@ -92,17 +92,16 @@ def test_the_first_figures_decide_the_class(best: float, other: float, expected:
     assert classes(pool) == [expected, "equal"]
 
 
-def test_one_figure_alone_decides_nothing() -> None:
+def test_one_figure_decides_provisionally_and_the_second_confirms() -> None:
     pool = healthy_pool(5 * MS, None)
     pool.record_probe(addr(1), True, 50 * MS, "ok", 0.0)
-    assert classes(pool) == ["equal", "unknown"]
-    assert ep(pool, 1).awaiting_class and not ep(pool, 0).awaiting_class
-    # Unknown shares new connections like an equal one.
-    picks = Counter(pool.candidates()[0].address for _ in range(200))
-    assert min(picks.values()) >= 60, picks
+    assert classes(pool) == ["equal", "slow"]  # at once: a far server gets nothing at start
+    assert ep(pool, 1).provisional and ep(pool, 1).awaiting_class
+    assert not ep(pool, 0).provisional and not ep(pool, 0).awaiting_class
+    assert all(pool.candidates()[0].address == addr(0) for _ in range(50))
     pool.record_latency(addr(1), 50 * MS, 0.25)  # the second figure confirms it
     assert classes(pool) == ["equal", "slow"]
-    assert not ep(pool, 1).awaiting_class
+    assert not ep(pool, 1).provisional and not ep(pool, 1).awaiting_class
 
 
 def test_an_inflated_first_figure_is_forgiven_by_the_next() -> None:
@@ -110,8 +109,9 @@ def test_an_inflated_first_figure_is_forgiven_by_the_next() -> None:
     # the same servers a moment later 2-9 ms.
     pool = healthy_pool(2 * MS, None)
     pool.record_probe(addr(1), True, 30 * MS, "ok", 0.0)
+    assert classes(pool) == ["equal", "slow"]  # provisional: for one fast interval
     pool.record_latency(addr(1), 2.5 * MS, 0.25)
-    assert classes(pool) == ["equal", "equal"]
+    assert classes(pool) == ["equal", "equal"]  # no promotion hold: it was provisional
     assert (
         ep(pool, 1).floor == 2.5 * MS and (ep(pool, 1).latency or 0) > 10 * MS
     )  # the average lags
@@ -324,10 +324,12 @@ def _check_classes(pool: Pool, now: float) -> None:
     healthy = [e.floor for e in eps if e.health is Health.HEALTHY]
     best = min(x for x in healthy if x is not None) if healthy else min(e.floor or 0 for e in eps)
     for e in eps:
-        if len(e.recent) < FIRST_DECISION_FIGURES:
-            assert e.slow is None  # one figure is never judged
-            continue
         lat = e.floor or 0.0
+        if len(e.recent) < FIRST_DECISION_FIGURES:  # provisional: decided afresh each turn
+            assert e.provisional
+            assert e.slow == (lat > best and lat >= max(SLOW_FACTOR * best, best + SLOW_MARGIN))
+            continue
+        assert not e.provisional
         pending = e.crossed_at is not None and e.crossed_at <= now
         if lat <= best:
             assert e.slow is False

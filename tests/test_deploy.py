@@ -65,12 +65,15 @@ def run(*argv: str | Path, cwd: Path | None = None) -> subprocess.CompletedProce
 
 @pytest.fixture(scope="module")
 def exposition(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """/metrics of a real daemon after one probe and one forwarded connection."""
+    """/metrics of a real daemon after its first latency class (two probes) and one
+    forwarded connection."""
     upstream = socket.create_server(("127.0.0.1", 0))  # the kernel completes handshakes
     address = f"127.0.0.1:{upstream.getsockname()[1]}"
     cfg = base_config([address], healthCheck={"type": "tcp"})
     with upstream, DaemonProcess(cfg, tmp_path_factory.mktemp("metrics")) as daemon:
         daemon.wait_state(address, "healthy")
+        # kubeprism_upstream_slow has a sample once the class is decided, on the second probe.
+        wait_for(lambda: daemon.upstreams()[address]["latencyClass"] != "unknown", 5)
         with socket.create_connection(("127.0.0.1", daemon.port), timeout=5):
             wait_for(lambda: daemon.upstreams()[address]["connectionsTotal"] == 1, 5)
         yield daemon.metrics()
