@@ -162,16 +162,10 @@ class Pump:
                 self._splice_out()
             elif self._backlog:
                 self._copy_out()
-        left = [self._backlog]
-        if self._pipe is not None:
-            while self.pending:
-                chunk = os.read(self._pipe[0], self.pending)
-                self.pending -= len(chunk)
-                left.append(chunk)
-            self._release_pipe()
+        left = self._backlog + (self._drain_pipe() if self._pipe is not None else b"")
         self._backlog = b""
         self.done = True
-        return b"".join(left)
+        return left
 
     def resume(self, backlog: bytes) -> None:
         """Start an adopted direction: send what the previous process left, then read."""
@@ -287,6 +281,17 @@ class Pump:
             self._pipes.put(self._pipe)
             self._pipe = None
 
+    def _drain_pipe(self) -> bytes:
+        """Read the bytes waiting in the pipe back into memory; the empty pipe goes back."""
+        assert self._pipe is not None
+        chunks = []
+        while self.pending:
+            chunk = os.read(self._pipe[0], self.pending)
+            self.pending -= len(chunk)
+            chunks.append(chunk)
+        self._release_pipe()
+        return b"".join(chunks)
+
     def _fall_back(self, exc: OSError) -> None:
         """Switch this pump to copying, keeping any bytes already in the pipe."""
         # Counted for every pump, logged once: the reason is the same each time.
@@ -296,13 +301,7 @@ class Pump:
         self.mode = "copy"
         self._splicing = False
         if self._pipe is not None:
-            chunks = []
-            while self.pending:
-                chunk = os.read(self._pipe[0], self.pending)
-                self.pending -= len(chunk)
-                chunks.append(chunk)
-            self._backlog = b"".join(chunks)
-            self._release_pipe()
+            self._backlog = self._drain_pipe()
 
     # ------------------------------------------------------------ copy path
 
