@@ -72,7 +72,7 @@ class Cadence:
                 self.down_streak += 1
             return gap * (1 + JITTER * rand)
         self.down_streak = 0
-        if ep.awaiting_class:
+        if ep.provisional:
             # A second figure soon: a class on one figure is provisional, and the first
             # one is often inflated (concurrent TLS handshakes of the first pass).
             return iv.fast

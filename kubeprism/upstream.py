@@ -128,11 +128,6 @@ class Endpoint:
         return min(self.recent) if self.recent else None
 
     @property
-    def awaiting_class(self) -> bool:
-        """Measured, but on too few figures to confirm its class yet (check again soon)."""
-        return 0 < len(self.recent) < FIRST_DECISION_FIGURES
-
-    @property
     def latency_class(self) -> str:
         """ "equal" (shares new connections), "slow" (only without an equal one), "unknown"."""
         return "unknown" if self.slow is None else "slow" if self.slow else "equal"

@@ -40,9 +40,9 @@ def test_the_first_slow_wait_is_a_random_phase_then_the_interval_plus_jitter(ran
 
 def test_a_first_latency_figure_is_confirmed_a_fast_interval_later_then_the_phase() -> None:
     one_figure = endpoint(Health.HEALTHY, successes=1)
-    one_figure.recent = [0.03]
+    one_figure.recent, one_figure.slow, one_figure.provisional = [0.03], False, True
     two_figures = endpoint(Health.HEALTHY, successes=2)
-    two_figures.recent = [0.03, 0.002]
+    two_figures.recent, two_figures.slow = [0.03, 0.002], False
     cadence = Cadence(IV)
     assert gaps(cadence, [one_figure, two_figures, two_figures], 0.5) == pytest.approx(
         [IV.fast, IV.ready * 0.5, IV.ready * (1 + JITTER * 0.5)]

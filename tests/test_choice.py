@@ -96,12 +96,12 @@ def test_one_figure_decides_provisionally_and_the_second_confirms() -> None:
     pool = healthy_pool(5 * MS, None)
     pool.record_probe(addr(1), True, 50 * MS, "ok", 0.0)
     assert classes(pool) == ["equal", "slow"]  # at once: a far server gets nothing at start
-    assert ep(pool, 1).provisional and ep(pool, 1).awaiting_class
-    assert not ep(pool, 0).provisional and not ep(pool, 0).awaiting_class
+    assert ep(pool, 1).provisional
+    assert not ep(pool, 0).provisional
     assert all(pool.candidates()[0].address == addr(0) for _ in range(50))
     pool.record_latency(addr(1), 50 * MS, 0.25)  # the second figure confirms it
     assert classes(pool) == ["equal", "slow"]
-    assert not ep(pool, 1).provisional and not ep(pool, 1).awaiting_class
+    assert not ep(pool, 1).provisional
 
 
 def test_an_inflated_first_figure_is_forgiven_by_the_next() -> None:
