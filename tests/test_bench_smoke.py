@@ -37,16 +37,20 @@ pytestmark = [
 ]
 
 
-def test_quick_bench_reports_every_scenario(tmp_path: Path) -> None:
+def _bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--out", str(tmp_path)]
-    done = subprocess.run(
-        [*argv, "--only", ",".join(SMOKE_TARGETS), "--tag", "smoke"],
+    return subprocess.run(
+        [*argv, *args],
         capture_output=True,
         text=True,
         timeout=SMOKE_TIMEOUT,
         check=False,
         cwd=tmp_path,
     )
+
+
+def test_quick_bench_reports_every_scenario(tmp_path: Path) -> None:
+    done = _bench(tmp_path, "--only", ",".join(SMOKE_TARGETS), "--tag", "smoke")
     assert done.returncode == 0, done.stderr[-3000:]
     (result,) = tmp_path.glob("*-smoke.json")
     doc = json.loads(result.read_text())
@@ -62,18 +66,6 @@ def test_quick_bench_reports_every_scenario(tmp_path: Path) -> None:
                     value = metrics[key][target]["median"]
                     assert isinstance(value, float | int), (scenario, key, target, value)
     assert (tmp_path / result.name.replace(".json", ".md")).exists()
-
-
-def _bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--out", str(tmp_path)]
-    return subprocess.run(
-        [*argv, *args],
-        capture_output=True,
-        text=True,
-        timeout=SMOKE_TIMEOUT,
-        check=False,
-        cwd=tmp_path,
-    )
 
 
 def test_compare_measures_another_revision_in_the_same_run(tmp_path: Path) -> None:
