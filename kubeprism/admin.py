@@ -29,6 +29,11 @@ def endpoint_view(ep: Endpoint) -> dict[str, Any]:
         "state": ep.health.value,
         "suspect": ep.suspect,
         "reason": ep.reason,
+        # The last check could not judge it (kubeprism was stalled, or every server was
+        # silent at once): no verdict was taken from it.
+        "late": ep.late,
+        "inconclusiveChecks": ep.inconclusive_total,
+        "heldTimeouts": ep.held_total,
         "latencySeconds": ep.latency,
         "latencyFloorSeconds": ep.floor,  # the class is judged on this
         "latencyClass": ep.latency_class,

@@ -46,15 +46,25 @@ class Cadence:
     last_start: float | None = None
 
     def after_check(
-        self, started: float, now: float, ep: Endpoint | None, local: bool, rand: float
+        self,
+        started: float,
+        now: float,
+        ep: Endpoint | None,
+        local: bool,
+        rand: float,
+        inconclusive: bool = False,
     ) -> float:
         """Seconds to wait after a check that started at ``started`` and ended at ``now``.
 
         ``ep`` is the endpoint after the result was recorded (None once removed); ``local``
-        says the check could not run for a reason of this host (out of fds, ...).
+        says the check could not run for a reason of this host (out of fds, ...);
+        ``inconclusive`` that it ran out of time while this process was kept from running:
+        that check is repeated at once (it already waited up to ten timeouts).
         """
         self.due = None
         self.last_start = started
+        if inconclusive and ep is not None:
+            return 0.0
         gap = self._gap(ep, local, rand)
         return max(0.0, started + gap - now)
 

@@ -34,6 +34,7 @@ from kubeprism.net import HostPort
 from kubeprism.passive import StallWatch
 from kubeprism.prepare import Prepared
 from kubeprism.proxy import Proxy, ProxySettings
+from kubeprism.stall import StallMeter
 from kubeprism.supervise import supervised
 from kubeprism.upstream import Health, Pool, Transition
 
@@ -87,6 +88,8 @@ class Daemon:
         self.credentials = prepared.credentials
         # What the checks cost, per endpoint: kept across the probes each reload brings.
         self.cost = HealthCost()
+        # How long the event loop waited for a CPU: what tells our stall from a server's.
+        self.meter = StallMeter()
         self.probe = self._adopt(prepared.probe)
         self.config_path = config_path
         self.listeners: list[socket.socket] = []
@@ -147,7 +150,7 @@ class Daemon:
             loop, self.pool, proxy_settings(cfg), self._on_transition, self.metrics.observe_dial
         )
         self.metrics.watch(self.pool, self.proxy)
-        self.metrics.watch_health(self.cost)
+        self.metrics.watch_health(self.cost, self.meter)
         self.checker = HealthChecker(
             self.pool, self.probe, intervals(hc), self._on_transition, self.metrics.observe_probe
         )
@@ -312,7 +315,7 @@ class Daemon:
 
     def _adopt(self, probe: HttpsProbe | TcpProbe) -> HttpsProbe | TcpProbe:
         """Count the probe's cost with the daemon's, and hear of lost health connections."""
-        probe.cost = self.cost
+        probe.cost, probe.meter = self.cost, self.meter
         if isinstance(probe, HttpsProbe):
             probe.on_lost = self._health_connection_lost
         return probe

@@ -187,6 +187,14 @@ class Dial:
 
     def _on_timer(self) -> None:
         self._timer = None
+        # Timers run before I/O in a loop iteration: after a stall (no CPU for us, a pause)
+        # a connect the kernel finished long ago may still be unread. The kernel's word
+        # wins over our timer: take a finished connect instead of a timeout or a new dial.
+        for attempt in list(self._attempts):
+            err = _connect_result(attempt.sock)
+            if err is not None:
+                self._finish(attempt, err)
+                return
         now = self._clock()
         due = now + _TIMER_SLACK - self._opts.timeout
         for attempt in [a for a in self._attempts if a.started <= due]:
@@ -198,8 +206,11 @@ class Dial:
         self._launch()
 
     def _on_writable(self, attempt: _Attempt) -> None:
+        self._finish(attempt, attempt.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+
+    def _finish(self, attempt: _Attempt, err: int) -> None:
+        """The connect ended: won (``err`` 0) or failed with ``err``."""
         self._drop(attempt)
-        err = attempt.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err == 0:
             self._win(attempt)
             return
@@ -235,6 +246,18 @@ class Dial:
         """Abandon the dial in progress (shutdown); the client is the owner's to close."""
         self._stop()
         self._next = len(self._candidates)
+
+
+def _connect_result(sock: socket.socket) -> int | None:
+    """How a non-blocking connect ended (0: connected, else the errno); None: not yet."""
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err != 0:
+        return int(err)
+    try:
+        sock.getpeername()
+    except OSError:
+        return None  # still connecting
+    return 0
 
 
 def _os_error(err: int) -> OSError:

@@ -23,8 +23,10 @@ from typing import Protocol
 
 from kubeprism.cadence import Cadence, Intervals
 from kubeprism.net import LOCAL_ERRNOS, HostPort
+from kubeprism.patience import Verdict
+from kubeprism.stall import Judgement, StallMeter, judged_timeout
 from kubeprism.supervise import supervised
-from kubeprism.upstream import Pool, Transition
+from kubeprism.upstream import Evidence, Pool, Transition
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +44,12 @@ class ProbeResult:
     ok: bool
     latency: float | None
     reason: str
-    local: bool = False  # failed on this host (out of fds, ...): no verdict on the endpoint
+    evidence: Evidence = Evidence.ANSWER  # what a failure rests on (upstream.Evidence)
+
+    @property
+    def local(self) -> bool:
+        """Failed on this host (out of fds, ...): no verdict on the endpoint."""
+        return self.evidence is Evidence.LOCAL
 
 
 @dataclass
@@ -85,10 +92,18 @@ def short(text: str) -> str:
     return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
 
 
+def is_own_timeout(exc: BaseException) -> bool:
+    """Our own timer ran out (asyncio's TimeoutError carries no errno; the kernel's
+    ETIMEDOUT, a keepalive or TCP_USER_TIMEOUT verdict, does)."""
+    return isinstance(exc, TimeoutError) and exc.errno is None
+
+
 def describe_error(exc: BaseException, timeout: float) -> str:
     """A reason a person can act on: refused, timed out, which TLS problem."""
-    if isinstance(exc, TimeoutError):
+    if is_own_timeout(exc):
         return f"timed out after {timeout:g}s"
+    if isinstance(exc, TimeoutError):
+        return "connection timed out (no answer to retransmissions or keepalive probes)"
     if isinstance(exc, ssl.SSLCertVerificationError):
         # verify_message is the actionable part ("Hostname mismatch, ... 'name'"); the full
         # text's "[SSL: CERTIFICATE_VERIFY_FAILED] ..." prefix pushed it past MAX_REASON.
@@ -107,9 +122,15 @@ def is_local_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS
 
 
-def failed(exc: BaseException, timeout: float) -> ProbeResult:
-    """The result of a probe that raised."""
-    return ProbeResult(False, None, describe_error(exc, timeout), is_local_error(exc))
+def failed(exc: BaseException, timeout: float, judgement: Judgement | None = None) -> ProbeResult:
+    """The result of a probe that raised, with what it rests on."""
+    if is_own_timeout(exc):
+        if judgement is not None and judgement.verdict is Verdict.INCONCLUSIVE:
+            reason = f"no verdict: kubeprism could hardly run while waiting {timeout:g}s"
+            return ProbeResult(False, None, reason, Evidence.INCONCLUSIVE)
+        return ProbeResult(False, None, describe_error(exc, timeout), Evidence.TIMEOUT)
+    evidence = Evidence.LOCAL if is_local_error(exc) else Evidence.ANSWER
+    return ProbeResult(False, None, describe_error(exc, timeout), evidence)
 
 
 class TcpProbe:
@@ -118,15 +139,17 @@ class TcpProbe:
     def __init__(self, timeout: float, cost: HealthCost | None = None) -> None:
         self.timeout = timeout
         self.cost = cost if cost is not None else HealthCost()
+        self.meter = StallMeter()
 
     async def __call__(self, address: HostPort) -> ProbeResult:
         started = time.monotonic()
         self.cost.handshakes[address] += 1
+        judgement = None
         try:
-            async with asyncio.timeout(self.timeout):
+            async with judged_timeout(self.timeout, self.meter) as judgement:
                 _reader, writer = await asyncio.open_connection(address.host, address.port)
         except (OSError, TimeoutError) as exc:
-            return failed(exc, self.timeout)
+            return failed(exc, self.timeout, judgement)
         latency = time.monotonic() - started
         writer.close()
         with contextlib.suppress(OSError):
@@ -176,6 +199,7 @@ class HealthChecker:
         self._first = asyncio.Event()
         # Endpoints whose last probe could not run for a local reason (logged once per spell).
         self._local_failures: set[HostPort] = set()
+        self._late = False  # the pool's overloaded flag as last logged
 
     def sync(self) -> None:
         """Start loops for new endpoints and stop those of removed ones."""
@@ -250,30 +274,53 @@ class HealthChecker:
             self._local_failures.add(address)
             return result
         self._local_failures.discard(address)
+        if result.evidence is Evidence.INCONCLUSIVE:
+            self.pool.record_inconclusive(address, result.reason)
+            self._note_lateness(result.reason)
+            return result
         self._observe(address, self._clock() - started, result.ok)
         self._record(address, result)
         return result
 
     def _record(self, address: HostPort, result: ProbeResult) -> None:
         transition = self.pool.record_probe(
-            address, result.ok, result.latency, result.reason, self._clock()
+            address, result.ok, result.latency, result.reason, self._clock(), result.evidence
         )
         self._update_first()
+        self._note_lateness(result.reason)
         if transition is not None:
             self._on_transition(transition)
+
+    def _note_lateness(self, reason: str) -> None:
+        """One line when checks start and stop being unable to judge (not one per check)."""
+        late = self.pool.overloaded
+        if late == self._late:
+            return
+        self._late = late
+        if late:
+            logger.warning(
+                "checks are late: this node looks overloaded (%s); no endpoint is taken down "
+                "and no connection closed on our own timeouts until a server gives a sign",
+                reason,
+            )
+        else:
+            logger.info("checks are on time again")
 
     async def _run(self, address: HostPort, loop: _Loop) -> None:
         delay = 0.0  # the first check at once: start-up waits for it
         while True:
             await self._pause(loop, delay)
             started = self._clock()
-            local = False
+            local = inconclusive = False
             try:
-                local = (await self.check_once(address)).local
+                evidence = (await self.check_once(address)).evidence
+                local, inconclusive = evidence is Evidence.LOCAL, evidence is Evidence.INCONCLUSIVE
             except Exception:  # a checker bug must not stop checking
                 logger.exception("health check of %s failed unexpectedly", address)
             ep = self.pool.endpoints.get(address)
-            delay = loop.cadence.after_check(started, self._clock(), ep, local, self._rand())
+            delay = loop.cadence.after_check(
+                started, self._clock(), ep, local, self._rand(), inconclusive
+            )
 
     async def _pause(self, loop: _Loop, delay: float) -> None:
         """Wait ``delay``, cut short by a passive sign asking for an earlier check."""

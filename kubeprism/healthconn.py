@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from kubeprism.config import HealthCheckConfig, file_named_by
 from kubeprism.dial import DialOptions, open_upstream_socket
 from kubeprism.health import HealthCost, ProbeResult, TcpProbe, failed, short
 from kubeprism.net import HostPort
+from kubeprism.stall import Judgement, StallMeter, judged_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +79,8 @@ class HealthConnection:
         self.address = address
         self._reader, self._writer = reader, writer
         self._on_lost = on_lost
+        # The socket under the TLS transport: only asked how many bytes wait unread.
+        self.sock: socket.socket | None = writer.get_extra_info("socket")
         self._pending: asyncio.Future[Response] | None = None
         self.closed = False
         self.watcher = asyncio.get_running_loop().create_task(
@@ -207,6 +211,7 @@ class HttpsProbe:
         self.on_lost: LossCallback = _ignore_loss
         self._ssl = client_ssl_context(hc)
         self._options = liveness_options(hc)
+        self.meter = StallMeter()
         self._conns: dict[HostPort, HealthConnection] = {}
         self._closing: set[asyncio.Task[None]] = set()
         connection = "" if hc.keep_alive else "Connection: close\r\n"
@@ -216,11 +221,15 @@ class HttpsProbe:
         ).encode()
 
     async def __call__(self, address: HostPort) -> ProbeResult:
+        judgement = None
         try:
-            async with asyncio.timeout(self.hc.timeout):
+            # The timeout counts only time kubeprism could run, and never runs out while the
+            # answer is already waiting in the kernel (stall.py).
+            async with judged_timeout(self.hc.timeout, self.meter) as judgement:
                 conn = self._conns.get(address)
                 if conn is None or conn.closed:
-                    conn = self._conns[address] = await self._open(address)
+                    conn = self._conns[address] = await self._open(address, judgement)
+                judgement.sock = conn.sock
                 self.cost.requests[address] += 1
                 # The latency is the request's round trip alone, new connection or not: the
                 # same figure for every endpoint, whichever had to connect first.
@@ -228,7 +237,7 @@ class HttpsProbe:
                 response = await conn.request(self._request)
         except (OSError, TimeoutError, ssl.SSLError, EOFError, HttpError) as exc:
             self.forget(address)  # whatever state it is in, it is not reusable
-            return failed(exc, self.hc.timeout)
+            return failed(exc, self.hc.timeout, judgement)
         except asyncio.LimitOverrunError:
             self.forget(address)
             return ProbeResult(False, None, "response head too long")
@@ -239,9 +248,10 @@ class HttpsProbe:
             return ProbeResult(True, latency, "ok")
         return ProbeResult(False, latency, _failure_reason(response, self.hc.path))
 
-    async def _open(self, address: HostPort) -> HealthConnection:
+    async def _open(self, address: HostPort, judgement: Judgement) -> HealthConnection:
         loop = asyncio.get_running_loop()
         sock = open_upstream_socket(address, self._options)
+        judgement.sock = sock  # a TLS answer waiting in the kernel is no timeout
         try:
             await loop.sock_connect(sock, (address.host, address.port))
         except BaseException:

@@ -33,6 +33,7 @@ from kubeprism.kubewatch import ERROR_REASONS
 from kubeprism.membership import Membership
 from kubeprism.net import HostPort
 from kubeprism.proxy import Proxy
+from kubeprism.stall import StallMeter
 from kubeprism.supervise import SUPERVISOR
 from kubeprism.upstream import Health, Pool
 
@@ -112,9 +113,10 @@ class Metrics:
         self.dials.forget(address)
         self.probes.forget(address)
 
-    def watch_health(self, cost: HealthCost) -> None:
-        """Expose what the health checks cost the API servers, read at scrape time."""
-        self.registry.register(HealthCostCollector(cost))
+    def watch_health(self, cost: HealthCost, meter: StallMeter) -> None:
+        """Expose what the health checks cost the API servers, and how long kubeprism
+        itself waited for a CPU, read at scrape time."""
+        self.registry.register(HealthCostCollector(cost, meter))
 
     def reloaded(self, ok: bool) -> None:
         """Count one reload attempt."""
@@ -184,10 +186,16 @@ def _endpoint_then_result(item: tuple[tuple[HostPort, Result], _Buckets]) -> tup
 class HealthCostCollector(Collector):
     """Health-check handshakes and requests per endpoint (the control plane's bill)."""
 
-    def __init__(self, cost: HealthCost) -> None:
+    def __init__(self, cost: HealthCost, meter: StallMeter) -> None:
         self.cost = cost
+        self.meter = meter
 
     def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "kubeprism_stall_seconds",
+            "Time kubeprism's event loop was runnable but waiting for a CPU (run-queue wait).",
+            value=self.meter.runq(),
+        )
         for name, doc, counts in (
             (
                 "kubeprism_health_handshakes",
@@ -248,8 +256,20 @@ class StateCollector(Collector):
             "1 while clearly slower than the best endpoint of its priority (no new connections).",
             labels=lbl,
         )
+        inconclusive = CounterMetricFamily(
+            "kubeprism_health_inconclusive",
+            "Checks whose time ran out while kubeprism could hardly run (no verdict).",
+            labels=lbl,
+        )
+        held = CounterMetricFamily(
+            "kubeprism_health_held_timeouts",
+            "Timeouts not counted against the endpoint: no other endpoint answered either.",
+            labels=lbl,
+        )
         for ep in self.pool.endpoints.values():
             name = [str(ep.address)]
+            inconclusive.add_metric(name, ep.inconclusive_total)
+            held.add_metric(name, ep.held_total)
             up.add_metric(name, float(ep.health is Health.HEALTHY))
             for h in Health:
                 state.add_metric([name[0], h.value], float(ep.health is h))
@@ -261,7 +281,12 @@ class StateCollector(Collector):
                 latency.add_metric(name, ep.latency)
             if ep.slow is not None:
                 slow.add_metric(name, float(ep.slow))
-        yield from (up, state, info, active, total, dial_fail, latency, slow)
+        yield from (up, state, info, active, total, dial_fail, latency, slow, inconclusive, held)
+        yield GaugeMetricFamily(
+            "kubeprism_checks_late",
+            "1 while some endpoint's last check could not judge it (the node looks overloaded).",
+            value=float(self.pool.overloaded),
+        )
         yield GaugeMetricFamily(
             "kubeprism_panic_mode",
             "1 while no endpoint is healthy and every endpoint is tried.",

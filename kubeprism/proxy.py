@@ -26,7 +26,7 @@ from kubeprism.listeners import Acceptor
 from kubeprism.net import LOCAL_ERRNOS, HostPort
 from kubeprism.pipes import PipePool
 from kubeprism.splice import ByteCounter, Mode, PumpContext
-from kubeprism.upstream import Health, Pool, Transition
+from kubeprism.upstream import Evidence, Health, Pool, Transition
 
 logger = logging.getLogger(__name__)
 
@@ -209,12 +209,15 @@ class Proxy:
             return
         self.stats.dial_failures += 1
         self.observe_dial(address, seconds, False)
-        reason = (
-            f"dial timed out after {self.settings.dial_timeout:g}s"
-            if isinstance(exc, TimeoutError)
-            else f"dial failed: {(exc.strerror or str(exc)).lower()}"
-        )
-        transition = self.pool.record_dial(address, False, reason, self._clock())
+        if isinstance(exc, TimeoutError):
+            # Not an answer: held like a timed-out check while every server is silent.
+            evidence, reason = (
+                Evidence.TIMEOUT,
+                f"dial timed out after {self.settings.dial_timeout:g}s",
+            )
+        else:
+            evidence, reason = Evidence.ANSWER, f"dial failed: {(exc.strerror or str(exc)).lower()}"
+        transition = self.pool.record_dial(address, False, reason, self._clock(), evidence)
         if transition is not None:
             self._on_transition(transition)
 

@@ -84,6 +84,8 @@ def _cell(ep: dict[str, Any], key: str) -> str:
         # average.
         seconds = ep.get("latencyFloorSeconds", ep.get("latencySeconds"))
         return "-" if seconds is None else f"{seconds * 1000:.2f}ms"
+    if key == "state" and ep.get("late"):
+        return f"{ep.get('state')} (late)"  # no verdict from the last check
     value = ep.get(key)
     if isinstance(value, list):
         return ",".join(str(v) for v in value) or "-"

@@ -57,6 +57,22 @@ ATTEMPT_DELAY_MIN = 0.05
 ATTEMPT_DELAY_MAX = 0.25
 
 
+class Evidence(enum.Enum):
+    """What a check's outcome rests on: whether it may count against a server."""
+
+    # The server, or the kernel on its behalf, said so: an answer (200, 5xx), a refusal, a
+    # reset, a TLS alert, EOF, a keepalive or TCP_USER_TIMEOUT verdict. Conclusive.
+    ANSWER = "answer"
+    # Our own timer ran out while this process could run: conclusive, unless every other
+    # server is silent too (then the node is the likelier cause: see Pool.record_probe).
+    TIMEOUT = "timeout"
+    # Our own timer ran out while this process was kept from running (CPU starvation, a
+    # pause): no verdict at all, the check is simply repeated.
+    INCONCLUSIVE = "inconclusive"
+    # This host's own limits (out of fds, memory): no verdict on the server either.
+    LOCAL = "local"
+
+
 class Health(enum.Enum):
     """What the checks currently believe about an endpoint."""
 
@@ -109,6 +125,16 @@ class Endpoint:
     crossed_at: float | None = None
     # A dial to it was overtaken by a later one (staggered dials): suspect, not failed.
     overtaken: bool = False
+    # When it last answered anything (a success or a server-side failure): evidence that
+    # this node could run a check then. None: never.
+    answered_at: float | None = None
+    # Since when its current streak of failures runs (None: not failing).
+    failing_since: float | None = None
+    # The last check could not judge it: inconclusive (we were stalled) or a timeout held
+    # because no other server answered either (the node looks overloaded).
+    late: bool = False
+    inconclusive_total: int = 0
+    held_total: int = 0
 
     @property
     def suspect(self) -> bool:
@@ -221,19 +247,48 @@ class Pool:
     # ------------------------------------------------------------ observations
 
     def record_probe(
-        self, address: HostPort, ok: bool, latency: float | None, reason: str, now: float
+        self,
+        address: HostPort,
+        ok: bool,
+        latency: float | None,
+        reason: str,
+        now: float,
+        evidence: Evidence = Evidence.ANSWER,
     ) -> Transition | None:
-        """Feed one active-check result; return the health change it caused, if any."""
+        """Feed one active-check result; return the health change it caused, if any.
+
+        ``evidence`` TIMEOUT (our own timer, while we could run) counts like a failure,
+        except that it never takes a healthy endpoint down while no *other* endpoint has
+        answered since this one began failing: every server going silent at once is first
+        a sign about this node (overloaded, its own network), and closing every connection
+        would only make every client reconnect into the same trouble. Such a timeout is
+        *held* (the endpoint stays suspect, its connections stay open, the others are asked
+        to check now) until another endpoint answers or this one gives a server-side sign.
+        """
         ep = self.endpoints.get(address)
         if ep is None:  # removed while the probe was in flight
             return None
         ep.probes += 1
         if ok and latency is not None:
             _add_figure(ep, latency)
-        transition = self._observe(ep, ok, reason, now)
+        transition = self._observe(ep, ok, reason, now, evidence)
         if transition is None and ok and latency is not None:
             self._classify(now)
         return transition
+
+    def record_inconclusive(self, address: HostPort, reason: str) -> None:
+        """A check that could not judge ``address`` (we were stalled): no verdict, counted."""
+        ep = self.endpoints.get(address)
+        if ep is not None:
+            ep.inconclusive_total += 1
+            ep.late = True
+            if ep.health is Health.UNKNOWN:
+                ep.reason = reason
+
+    @property
+    def overloaded(self) -> bool:
+        """Some endpoint's last check could not judge it (see Endpoint.late)."""
+        return any(ep.late for ep in self.endpoints.values())
 
     def record_latency(self, address: HostPort, seconds: float, now: float) -> None:
         """Feed one latency figure (a probe's duration, a smoothed RTT, ...) of ``address``."""
@@ -256,12 +311,17 @@ class Pool:
         return True
 
     def record_dial(
-        self, address: HostPort, ok: bool, reason: str, now: float
+        self,
+        address: HostPort,
+        ok: bool,
+        reason: str,
+        now: float,
+        evidence: Evidence = Evidence.ANSWER,
     ) -> Transition | None:
         """Feed the outcome of a real dial (passive check).
 
-        A failed dial counts like a failed probe. A successful one changes no
-        health: TCP accepting says nothing about /readyz.
+        A failed dial counts like a failed probe (a timed-out one is held like a timed-out
+        probe). A successful one changes no health: TCP accepting says nothing about /readyz.
         """
         ep = self.endpoints.get(address)
         if ep is None:
@@ -269,7 +329,7 @@ class Pool:
         if ok:
             return None
         ep.dial_failures_total += 1
-        transition = self._observe(ep, False, reason, now)
+        transition = self._observe(ep, False, reason, now, evidence)
         self.sign(address, reason)
         return transition
 
@@ -293,19 +353,45 @@ class Pool:
 
     # ------------------------------------------------------------ state machine
 
-    def _observe(self, ep: Endpoint, ok: bool, reason: str, now: float) -> Transition | None:
+    def _observe(
+        self, ep: Endpoint, ok: bool, reason: str, now: float, evidence: Evidence
+    ) -> Transition | None:
         if ok:
             ep.successes, ep.failures, ep.overtaken = ep.successes + 1, 0, False
+            ep.failing_since = None
         else:
             ep.successes, ep.failures = 0, ep.failures + 1
+            if ep.failing_since is None:
+                ep.failing_since = now
+        if evidence is Evidence.ANSWER:
+            ep.answered_at = now
+        ep.late = False
         ep.reason = reason
         new = _next_health(ep, self.healthy_threshold, self.unhealthy_threshold)
+        if evidence is Evidence.TIMEOUT:
+            # Ask the others now: their answers tell this node's trouble from this server's.
+            for other in self.endpoints:
+                if other != ep.address:
+                    self.sign(other, f"{ep.address} timed out")
+            if new is Health.UNHEALTHY and ep.health is Health.HEALTHY and self._alone(ep):
+                ep.late, ep.held_total = True, ep.held_total + 1
+                ep.reason = f"{reason} (held: no other endpoint answered either)"
+                return None
         if new is ep.health:
             return None
         transition = Transition(ep.address, ep.health, new, reason)
         ep.health, ep.changed_at = new, now
         self._classify(None)
         return transition
+
+    def _alone(self, ep: Endpoint) -> bool:
+        """No other endpoint answered since ``ep`` began failing (and there is another)."""
+        since = ep.failing_since
+        others = [o for o in self.endpoints.values() if o is not ep]
+        return bool(others) and not any(
+            o.answered_at is not None and since is not None and o.answered_at >= since
+            for o in others
+        )
 
     def _classify(self, now: float | None) -> None:
         """Settle every endpoint's latency class against the best floor of its priority.

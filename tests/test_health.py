@@ -33,7 +33,7 @@ from kubeprism.health import (
     wait_or_wake,
 )
 from kubeprism.net import HostPort
-from kubeprism.upstream import EndpointSpec, Health, Pool, Transition
+from kubeprism.upstream import EndpointSpec, Evidence, Health, Pool, Transition
 
 A = HostPort("10.0.0.1", 6443)
 B = HostPort("10.0.0.2", 6443)
@@ -353,7 +353,7 @@ async def test_a_probe_failing_for_a_local_reason_is_no_verdict_on_the_endpoint(
 ) -> None:
     """Out of fds, a probe cannot even open its socket: that must not mark the endpoint
     down (and close its connections), only be logged, once per spell."""
-    local = ProbeResult(False, None, "connect failed: Too many open files", local=True)
+    local = ProbeResult(False, None, "connect failed: Too many open files", Evidence.LOCAL)
     async with harness(A) as h:
         h.probe.push(A, OK, local, local, local, OK, local)
         await eventually(lambda: h.probe.calls[A] == 7)

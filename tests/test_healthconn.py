@@ -35,6 +35,7 @@ from kubeprism.healthconn import (
     read_response,
 )
 from kubeprism.net import HostPort
+from kubeprism.upstream import Evidence
 
 # Far beyond a probe's own timeout, far below what a missing one costs (aiohttp's 5 minutes,
 # the kernel's ~2 minutes of SYN retries): no load on the machine makes the probes reach it.
@@ -257,7 +258,7 @@ async def test_a_silent_server_times_out_within_the_timeout(tls: TLSFiles) -> No
             async with asyncio.timeout(GUARD):
                 result = await probe(local(port))
             elapsed = time.monotonic() - started
-    assert result == ProbeResult(False, None, "timed out after 0.5s")
+    assert result == ProbeResult(False, None, "timed out after 0.5s", Evidence.TIMEOUT)
     assert elapsed >= timeout * 0.9  # it waited for its timeout, not a refusal
 
 
@@ -334,7 +335,7 @@ async def test_tcp_probe_ok_refused_and_timeout() -> None:
         async with asyncio.timeout(GUARD):
             result = await probe(local(port))
         elapsed = time.monotonic() - started
-    assert result == ProbeResult(False, None, "timed out after 0.3s")
+    assert result == ProbeResult(False, None, "timed out after 0.3s", Evidence.TIMEOUT)
     assert elapsed >= 0.25  # it waited for its timeout
     assert sum(probe.cost.handshakes.values()) == 3
     probe.forget(local(port))

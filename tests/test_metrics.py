@@ -17,6 +17,7 @@ from kubeprism.health import HealthCost
 from kubeprism.metrics import Metrics, Result
 from kubeprism.net import HostPort
 from kubeprism.proxy import Proxy, ProxySettings
+from kubeprism.stall import StallMeter
 from kubeprism.upstream import EndpointSpec, Health, Pool
 
 SETTINGS = ProxySettings(
@@ -47,6 +48,9 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "kubeprism_upstream_latency_seconds": ("gauge", ("endpoint",)),
     "kubeprism_upstream_slow": ("gauge", ("endpoint",)),
     "kubeprism_panic_mode": ("gauge", ()),
+    "kubeprism_health_inconclusive": ("counter", ("endpoint",)),
+    "kubeprism_health_held_timeouts": ("counter", ("endpoint",)),
+    "kubeprism_checks_late": ("gauge", ()),
     "kubeprism_endpoints": ("gauge", ()),
     "kubeprism_healthy_endpoints": ("gauge", ()),
     "kubeprism_connections": ("counter", ("result",)),
@@ -189,7 +193,7 @@ async def test_daemon_labels_forwarded_dials_success_and_refused_dials_failure(
 def test_health_check_cost_per_endpoint_is_read_at_scrape_time() -> None:
     metrics = Metrics()
     cost = HealthCost()
-    metrics.watch_health(cost)
+    metrics.watch_health(cost, StallMeter())
     a, b = HostPort("10.0.0.1", 6443), HostPort("10.0.0.2", 6443)
     cost.handshakes[a] += 1
     cost.requests[a] += 12
