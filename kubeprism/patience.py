@@ -25,6 +25,8 @@ GRACE = 0.05
 # Give up judging after this many timeouts of wall time: a stall that long (a node that
 # gives us almost no CPU, a paused VM) leaves the check without a verdict.
 CAP_FACTOR = 10.0
+# Less than this left is nothing left: the loop's timers have millisecond resolution.
+RESOLUTION = 0.001
 
 
 class Verdict(enum.Enum):
@@ -67,6 +69,6 @@ class Budget:
         if answer_waiting:
             return GRACE
         left = self.timeout - self.ran(now, runq)
-        if left <= 0:
+        if left < RESOLUTION:
             return Verdict.TIMED_OUT
         return min(STEP, left)

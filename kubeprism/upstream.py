@@ -389,7 +389,7 @@ class Pool:
         since = ep.failing_since
         others = [o for o in self.endpoints.values() if o is not ep]
         return bool(others) and not any(
-            o.answered_at is not None and since is not None and o.answered_at >= since
+            o.answered_at is not None and since is not None and o.answered_at > since
             for o in others
         )
 

@@ -365,6 +365,57 @@ async def test_a_probe_failing_for_a_local_reason_is_no_verdict_on_the_endpoint(
     assert warnings == [f"cannot probe {A}: {reason} (a local limit, not the endpoint)"] * 2
 
 
+INCONCLUSIVE = ProbeResult(False, None, "no verdict: stalled", Evidence.INCONCLUSIVE)
+TIMED_OUT = ProbeResult(False, None, "timed out after 0.8s", Evidence.TIMEOUT)
+
+
+async def test_a_stalled_check_is_no_verdict_is_retried_at_once_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "kubeprism.health")
+    async with harness(A, B, rand=0.0) as h:
+        h.probe.push(B, OK)
+        h.probe.push(A, OK, INCONCLUSIVE, INCONCLUSIVE, INCONCLUSIVE, OK)
+        await eventually(lambda: h.probe.calls[A] == 6)
+        ep = h.pool.endpoints[A]
+        assert sorted(h.transitions, key=lambda t: str(t.address)) == [
+            Transition(A, Health.UNKNOWN, Health.HEALTHY, "ok"),
+            Transition(B, Health.UNKNOWN, Health.HEALTHY, "ok"),
+        ]
+        assert (ep.failures, ep.inconclusive_total, ep.late) == (0, 3, False)
+        # The phase, then no wait at all after each of the three inconclusive checks (the
+        # fake wait records only real waits), then the slow interval after the good one.
+        assert h.sleep.delays[f"health {A}"] == pytest.approx([FAST, INTERVAL])
+        assert [ok for a, _s, ok in h.observed if a == A] == [True, True]  # no failure seen
+    lines = [r.getMessage() for r in caplog.records if r.name == "kubeprism.health"]
+    assert [line.split(" (")[0] for line in lines] == [
+        "checks are late: this node looks overloaded",
+        "checks are on time again",
+    ]
+
+
+async def test_timeouts_of_every_endpoint_at_once_close_nothing() -> None:
+    async with harness(A, B, C, rand=0.0) as h:
+        for address in (A, B, C):
+            h.probe.push(address, OK, *[Step(TIMED_OUT, 0.8)] * 4)
+        await eventually(lambda: all(h.probe.calls[a] == 6 for a in (A, B, C)))
+        assert all(t.new is Health.HEALTHY for t in h.transitions)
+        assert all(ep.late and ep.suspect for ep in h.pool.endpoints.values())
+
+
+async def test_a_timeout_counts_once_another_endpoint_answers() -> None:
+    async with harness(A, B, rand=0.0) as h:
+        h.probe.push(A, OK, Step(TIMED_OUT, 0.8))
+        await eventually(lambda: h.probe.calls[A] == 3)  # one timeout: suspect, B asked
+        h.probe.push(B, OK, Step(OK, 0.01))  # B answers after A began failing
+        await eventually(lambda: h.probe.calls[B] == 3)
+        h.probe.push(A, Step(TIMED_OUT, 0.8))
+        await eventually(lambda: len(h.transitions) == 3)
+        assert h.transitions[-1] == Transition(
+            A, Health.HEALTHY, Health.UNHEALTHY, "timed out after 0.8s"
+        )
+
+
 async def test_stop_cancels_loops_with_probes_in_flight() -> None:
     async with harness(A, B, C) as h:
         await eventually(lambda: sum(h.probe.inflight.values()) == 3)

@@ -13,6 +13,7 @@ import contextlib
 import socket
 import ssl
 import struct
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import trustme
+from test_stall import NoCpu
 from util import eventually
 
 from kubeprism.config import HealthCheckConfig
@@ -443,3 +445,82 @@ async def test_bytes_nobody_asked_for_end_the_connection_as_a_failure(
 )
 def test_loss_reasons(exc: BaseException, reason: str) -> None:
     assert _loss_reason(exc) == reason
+
+
+# ------------------------------------------------------------------ under a stall
+
+
+@contextlib.contextmanager
+def threaded_readyz(ctx: ssl.SSLContext, delay: float) -> Iterator[int]:
+    """An HTTPS server in its own thread, answering each request after ``delay``: it
+    answers while the test's event loop is blocked."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(GUARD)
+    stop = threading.Event()
+
+    def serve() -> None:
+        with (
+            contextlib.suppress(OSError),
+            ctx.wrap_socket(listener.accept()[0], server_side=True) as conn,
+        ):
+            body = VERBOSE_OK.encode()
+            answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            buf = b""
+            while not stop.is_set() and (data := conn.recv(4096)):
+                buf += data
+                while b"\r\n\r\n" in buf:
+                    _head, buf = buf.split(b"\r\n\r\n", 1)
+                    time.sleep(delay)
+                    conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, name="threaded readyz", daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(GUARD)
+
+
+async def test_an_answer_that_arrived_during_a_pause_is_read_not_timed_out(
+    tls: TLSFiles,
+) -> None:
+    loop = asyncio.get_running_loop()
+    with threaded_readyz(tls.server_context, delay=0.05) as port:
+        async with https_probe(tls.ca, timeout=0.2) as probe:
+            assert (await probe(local(port))).ok  # the kept-alive connection is open
+            # The loop stops 20 ms into the check for 3 timeouts; the answer comes at 50 ms.
+            loop.call_later(0.02, time.sleep, 0.6)  # as SIGSTOP or a starved CPU would
+            async with asyncio.timeout(GUARD):
+                result = await probe(local(port))
+    assert result.ok, result
+
+
+async def test_a_silent_server_while_kubeprism_could_not_run_is_no_verdict(
+    tls: TLSFiles,
+) -> None:
+    with silent_listener() as port:
+        async with https_probe(tls.ca, timeout=0.05) as probe:
+            probe.meter = NoCpu()
+            async with asyncio.timeout(GUARD):
+                result = await probe(local(port))
+    assert (result.ok, result.evidence) == (False, Evidence.INCONCLUSIVE)
+    assert result.reason == "no verdict: kubeprism could hardly run while waiting 0.05s"
+
+
+async def test_a_500_while_kubeprism_is_stalled_still_counts(tls: TLSFiles) -> None:
+    server = ReadyzServer()
+    server.status = 500
+    listener = await asyncio.start_server(server.handle, "127.0.0.1", 0, ssl=tls.server_context)
+    try:
+        async with https_probe(tls.ca, timeout=0.5) as probe:
+            probe.meter = NoCpu()
+            result = await probe(local(listener.sockets[0].getsockname()[1]))
+    finally:
+        listener.close()
+        for writer in list(server.writers):
+            writer.transport.abort()
+        await listener.wait_closed()
+    assert (result.ok, result.evidence) == (False, Evidence.ANSWER)
+    assert result.reason.startswith("HTTP 500 from /readyz")

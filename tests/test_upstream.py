@@ -17,6 +17,7 @@ from kubeprism.upstream import (
     LATENCY_EWMA_ALPHA,
     Endpoint,
     EndpointSpec,
+    Evidence,
     Health,
     Pool,
     Transition,
@@ -753,3 +754,104 @@ def test_a_changed_endpoint_set_is_a_sign_for_the_endpoints_that_stay() -> None:
     signs.clear()
     pool.reconcile({addr(i): spec() for i in (0, 1, 5)})
     assert signs == [addr(0), addr(1)]  # the new one gets its first check anyway
+
+
+# ------------------------------------------------------------------ evidence (overload)
+
+
+def healthy_pool(n: int) -> tuple[Pool, list[tuple[HostPort, str]]]:
+    """n healthy endpoints (each answered at t=0); the passive signs the pool gives."""
+    pool = pool_of(n)
+    signs: list[tuple[HostPort, str]] = []
+    pool.on_sign = lambda address, why: signs.append((address, why))
+    for i in range(n):
+        pool.record_probe(addr(i), True, None, "ok", now=0.0)
+    return pool, signs
+
+
+def test_correlated_timeouts_close_nothing() -> None:
+    pool, _ = healthy_pool(3)
+    transitions = [
+        pool.record_probe(addr(i), False, None, "timed out", now=t, evidence=Evidence.TIMEOUT)
+        for t in (1.0, 1.3, 1.6)
+        for i in range(3)
+    ]
+    assert transitions == [None] * 9
+    for ep in pool.endpoints.values():
+        assert ep.health is H and ep.suspect and ep.late
+        assert ep.held_total == 2  # the 2nd and 3rd timeouts would have tripped it
+        assert "held: no other endpoint answered" in ep.reason
+    assert pool.overloaded
+    assert not pool.panic
+
+
+def test_a_timeout_asks_the_other_endpoints_to_check_now() -> None:
+    pool, signs = healthy_pool(3)
+    pool.record_probe(addr(0), False, None, "timed out", now=1.0, evidence=Evidence.TIMEOUT)
+    assert sorted(a for a, _ in signs) == [addr(1), addr(2)]
+
+
+def test_an_unstalled_timeout_counts_once_another_endpoint_answered() -> None:
+    pool, _ = healthy_pool(3)
+    a = addr(0)
+    assert pool.record_probe(a, False, None, "timed out", 1.0, Evidence.TIMEOUT) is None
+    pool.record_probe(addr(1), True, None, "ok", now=1.1)  # the node can run checks
+    t = pool.record_probe(a, False, None, "timed out", 1.4, Evidence.TIMEOUT)
+    assert t == Transition(a, H, U, "timed out")
+    assert not pool.endpoints[a].late
+
+
+def test_an_answer_before_the_failures_began_does_not_count_as_corroboration() -> None:
+    pool, _ = healthy_pool(2)
+    a = addr(0)
+    pool.record_probe(a, False, None, "timed out", 1.0, Evidence.TIMEOUT)
+    assert pool.record_probe(a, False, None, "timed out", 1.3, Evidence.TIMEOUT) is None
+    assert pool.endpoints[a].held_total == 1
+
+
+def test_a_server_side_failure_during_correlated_timeouts_still_counts() -> None:
+    pool, _ = healthy_pool(3)
+    a = addr(0)
+    for i in range(3):
+        pool.record_probe(addr(i), False, None, "timed out", 1.0, Evidence.TIMEOUT)
+    t = pool.record_probe(a, False, None, "HTTP 500 from /readyz", 1.3)  # an answer
+    assert t == Transition(a, H, U, "HTTP 500 from /readyz")
+
+
+def test_a_single_endpoint_counts_its_timeouts() -> None:
+    pool, _ = healthy_pool(1)
+    a = addr(0)
+    pool.record_probe(a, False, None, "timed out", 1.0, Evidence.TIMEOUT)
+    assert pool.record_probe(a, False, None, "timed out", 1.3, Evidence.TIMEOUT) == Transition(
+        a, H, U, "timed out"
+    )
+
+
+def test_timed_out_dials_are_held_like_timed_out_checks() -> None:
+    pool, _ = healthy_pool(2)
+    a = addr(0)
+    for now in (1.0, 1.2, 1.4):
+        assert pool.record_dial(a, False, "dial timed out", now, Evidence.TIMEOUT) is None
+    assert pool.endpoints[a].held_total == 2
+    assert pool.record_dial(a, False, "dial failed: connection refused", 1.5) == Transition(
+        a, H, U, "dial failed: connection refused"
+    )
+
+
+def test_an_inconclusive_check_changes_no_health_and_is_counted() -> None:
+    pool, _ = healthy_pool(2)
+    a = addr(0)
+    pool.record_inconclusive(a, "no verdict")
+    ep = pool.endpoints[a]
+    assert (ep.health, ep.failures, ep.inconclusive_total, ep.late) == (H, 0, 1, True)
+    assert not ep.suspect and pool.overloaded
+    pool.record_probe(a, True, None, "ok", now=2.0)
+    assert not ep.late and not pool.overloaded
+    pool.record_inconclusive(addr(9), "gone")  # a removed endpoint: nothing to count
+
+
+def test_an_inconclusive_first_check_leaves_the_endpoint_unknown_with_the_reason() -> None:
+    pool = pool_of(1)
+    pool.record_inconclusive(addr(0), "no verdict: kubeprism could hardly run")
+    ep = pool.endpoints[addr(0)]
+    assert (ep.health, ep.reason) == (Q, "no verdict: kubeprism could hardly run")
