@@ -10,6 +10,10 @@ and again --seconds later. Printed per API server per node: TLS handshakes per h
 health requests per second, against the acceptance of issue 9 (<= 2/h, <= 0.2/s), and
 what that costs one API server at 100 / 1,000 / 5,000 nodes with the per-check CPU
 measured on a real kube-apiserver v1.28. Results also land in --out as JSON.
+
+Also printed: what the checks cost kubeprism itself, its process CPU over the window
+(utime + stime from /proc) per second and per check. With --interval set short (for
+example 0.05) nearly all of it is checks, which gives the CPU of one readiness check.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import socket
 import ssl
 import subprocess
@@ -54,6 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=15.0, help="start-up checks left out")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="JSON here")
     p.add_argument("--tag", default="", help="suffix for the result file name")
+    p.add_argument(
+        "--interval", default="", help="healthCheck.interval (default: kubeprism's own, 5s)"
+    )
     return p.parse_args(argv)
 
 
@@ -121,7 +129,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "listen": [f"127.0.0.1:{listen}"],
             "admin": {"listen": f"127.0.0.1:{admin}"},
             "upstreams": [f"127.0.0.1:{s.port}" for s in standins],
-            "healthCheck": {"caFile": str(pki.ca)},
+            "healthCheck": {"caFile": str(pki.ca)}
+            | ({"interval": args.interval} if args.interval else {}),
             "discovery": {"cacheFile": ""},
         }
         config = work / "kubeprism.yaml"
@@ -134,8 +143,10 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             time.sleep(args.warmup)
             before = [state(s.port, ctx) for s in standins]
             ours_before = kubeprism_cost(admin)
+            cpu_before = cpu_seconds(proc.pid)
             started = time.monotonic()
             time.sleep(args.seconds)
+            cpu = cpu_seconds(proc.pid) - cpu_before
             after = [state(s.port, ctx) for s in standins]
             seconds = time.monotonic() - started
             ours_after = kubeprism_cost(admin)
@@ -161,7 +172,19 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 "kubeprism_counted": mine,
             }
         )
-    return {"seconds": seconds, "warmup": args.warmup, "servers": per_server}
+    return {
+        "seconds": seconds,
+        "warmup": args.warmup,
+        "interval": args.interval or "5s",
+        "kubeprism_cpu_seconds": cpu,
+        "servers": per_server,
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process so far, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rates(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -221,6 +244,15 @@ def render(result: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "| nodes | apiserver cores |",
         "| --- | --- |",
         *(f"| {n:,} | {lo:.2f}-{hi:.2f} |" for n, lo, hi in capacity(worst_h, worst_r)),
+    ]
+    checks = sum(s["kubeprism_counted"]["requests"] for s in result["servers"])
+    cpu = result["kubeprism_cpu_seconds"]
+    per_check = f"{cpu / checks * 1e6:.0f} us per check" if checks else "no check counted"
+    lines += [
+        "",
+        f"kubeprism's own CPU (interval {result['interval']}): "
+        f"{cpu / result['seconds'] * 1000:.2f} ms/s, {checks:.0f} checks, {per_check} "
+        "(all of its CPU divided by its checks: an upper bound).",
     ]
     return "\n".join(lines) + "\n"
 

@@ -34,4 +34,6 @@ def test_health_cost_bench_counts_each_server_and_keeps_its_connections(tmp_path
         # A check in flight at either reading may be counted on one side only.
         assert abs(server["requests"] - server["kubeprism_counted"]["requests"]) <= 1, server
     assert "TLS handshakes / hour" in done.stdout
+    assert doc["kubeprism_cpu_seconds"] > 0  # the daemon's own cost, idle
+    assert "kubeprism's own CPU (interval 5s): " in done.stdout
     assert (tmp_path / result.name.replace(".json", ".md")).exists()

@@ -73,8 +73,9 @@ class Run:
     """The common shape: daemon, streams on at least two servers, requests; a fault on the
     server holding the most streams (the preferred one); figures."""
 
-    def __init__(self, cluster: Cluster, tmp: Path) -> None:
+    def __init__(self, cluster: Cluster, tmp: Path, requests_args: tuple[str, ...] = ()) -> None:
         self.cluster = cluster
+        self.requests_args = requests_args  # extra fault_load.py options, e.g. --interval
         self.daemon = start_daemon(cluster.topo, default_config(cluster, tmp), tmp)
         self.streams: LoadProcess | None = None
         self.load: LoadProcess | None = None
@@ -101,7 +102,7 @@ class Run:
         self.victim = max(owners, key=lambda s: len(owners[s]))
         self.mine = owners.pop(self.victim)
         self.others = owners
-        self.load = requests_load(topo, pki).start()
+        self.load = requests_load(topo, pki, *self.requests_args).start()
         wait_for_requests(self.load, 0, 10, ok_only=True)
 
     def _spread(self, only: str) -> dict[str, list[int]]:
