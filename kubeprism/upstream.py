@@ -368,12 +368,13 @@ class Pool:
         ep.late = False
         ep.reason = reason
         new = _next_health(ep, self.healthy_threshold, self.unhealthy_threshold)
-        if evidence is Evidence.TIMEOUT:
+        if evidence is Evidence.TIMEOUT and ep.health is Health.HEALTHY and self._alone(ep):
             # Ask the others now: their answers tell this node's trouble from this server's.
+            # (Only while it matters: a down server's timeouts cost the others nothing.)
             for other in self.endpoints:
                 if other != ep.address:
                     self.sign(other, f"{ep.address} timed out")
-            if new is Health.UNHEALTHY and ep.health is Health.HEALTHY and self._alone(ep):
+            if new is Health.UNHEALTHY:
                 ep.late, ep.held_total = True, ep.held_total + 1
                 ep.reason = f"{reason} (held: no other endpoint answered either)"
                 return None

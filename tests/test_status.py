@@ -97,6 +97,9 @@ async def test_table_and_json_against_a_running_daemon(
             assert set(by_address) == set(addresses)
             assert by_address[addresses[1]]["activeConnections"] == 1
             assert all(ep["state"] == "healthy" for ep in data["endpoints"])
+            # Every check on this quiet machine judged its server.
+            assert {(ep["late"], ep["inconclusiveChecks"], ep["heldTimeouts"]) for ep in
+                    data["endpoints"]} == {(False, 0, 0)}  # fmt: skip
             assert data["panic"] is False
         finally:
             writer.close()
@@ -153,3 +156,12 @@ def test_the_latency_column_shows_the_floor_and_falls_back_to_the_average() -> N
     assert latency_cell(row(latencySeconds=0.009, latencyFloorSeconds=0.0012)) == "1.20ms"
     assert latency_cell(row(latencySeconds=0.009)) == "9.00ms"  # a daemon from before floors
     assert latency_cell(row()) == "-"
+
+
+def test_a_late_endpoint_is_marked_in_the_state_column() -> None:
+    ep = {"address": "10.0.0.1:6443", "state": "healthy", "priority": 100, "late": True}
+    table = status.format_table({"endpoints": [ep], "panic": False})
+    assert table.splitlines()[3].split()[1:3] == ["healthy", "(late)"]
+    ep["late"] = False
+    table = status.format_table({"endpoints": [ep], "panic": False})
+    assert table.splitlines()[3].split()[1:3] == ["healthy", "100"]

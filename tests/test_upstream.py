@@ -785,10 +785,16 @@ def test_correlated_timeouts_close_nothing() -> None:
     assert not pool.panic
 
 
-def test_a_timeout_asks_the_other_endpoints_to_check_now() -> None:
+def test_a_timeout_asks_the_other_endpoints_to_check_now_while_it_matters() -> None:
     pool, signs = healthy_pool(3)
     pool.record_probe(addr(0), False, None, "timed out", now=1.0, evidence=Evidence.TIMEOUT)
     assert sorted(a for a, _ in signs) == [addr(1), addr(2)]
+    signs.clear()
+    pool.record_probe(addr(1), True, None, "ok", now=1.1)  # the others answer: corroborated
+    pool.record_probe(addr(0), False, None, "timed out", now=2.0, evidence=Evidence.TIMEOUT)
+    assert pool.endpoints[addr(0)].health is U
+    pool.record_probe(addr(0), False, None, "timed out", now=3.0, evidence=Evidence.TIMEOUT)
+    assert signs == []  # neither a corroborated nor a down server's timeouts ask anyone
 
 
 def test_an_unstalled_timeout_counts_once_another_endpoint_answered() -> None:
