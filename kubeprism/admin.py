@@ -8,8 +8,9 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from kubeprism.endpoint import Endpoint
 from kubeprism.metrics import Metrics
-from kubeprism.upstream import Endpoint, Pool
+from kubeprism.upstream import Pool
 
 # The admin port serves a scraper, `kubeprism status` and probes: a few connections.
 # Beyond that the oldest is closed (200 idle ones took every fd under a low limit),

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kubeprism.upstream import Endpoint, Health
+from kubeprism.endpoint import Endpoint, Health
 
 # Waits only ever grow by up to this fraction: thousands of nodes drift apart instead of
 # checking in step, and the mean slow rate stays below 1/interval (the cost budget).

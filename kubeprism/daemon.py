@@ -24,6 +24,7 @@ from kubeprism import handover, prepare, succession, systemd
 from kubeprism.cadence import Intervals
 from kubeprism.config import Config, ConfigError, HealthCheckConfig
 from kubeprism.connection import CloseReason, Frozen
+from kubeprism.endpoint import Health, Transition
 from kubeprism.health import HealthChecker, HealthCost, TcpProbe
 from kubeprism.healthconn import HttpsProbe
 from kubeprism.listeners import StartupError, bind_all
@@ -36,7 +37,7 @@ from kubeprism.prepare import Prepared
 from kubeprism.proxy import Proxy, ProxySettings
 from kubeprism.stall import StallMeter
 from kubeprism.supervise import supervised
-from kubeprism.upstream import Health, Pool, Transition
+from kubeprism.upstream import Pool
 
 # aiohttp (the admin server, and the discovery client in kubewatch.py) takes ~0.3 s to
 # import, more on a loaded node: loaded in a thread once forwarding runs (_load_aiohttp),

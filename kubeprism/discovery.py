@@ -24,8 +24,9 @@ from pathlib import Path
 
 from kubeprism.atomic import read_limited, write_atomically
 from kubeprism.config import UpstreamSpec
+from kubeprism.endpoint import EndpointSpec
 from kubeprism.net import HostPort, ip_or_none
-from kubeprism.upstream import EndpointSpec, specs_from
+from kubeprism.upstream import specs_from
 
 logger = logging.getLogger(__name__)
 

@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kubeprism.cadence import Cadence, Intervals
+from kubeprism.endpoint import Evidence, Transition
 from kubeprism.net import LOCAL_ERRNOS, HostPort
 from kubeprism.patience import Verdict
 from kubeprism.stall import Judgement, StallMeter, judged_timeout
 from kubeprism.supervise import supervised
-from kubeprism.upstream import Evidence, Pool, Transition
+from kubeprism.upstream import Pool
 
 logger = logging.getLogger(__name__)
 

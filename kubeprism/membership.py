@@ -25,10 +25,11 @@ from kubeprism.discovery import (
     save_cache,
     screen,
 )
+from kubeprism.endpoint import EndpointSpec
 from kubeprism.kubewatch import DiscoveryStats, SliceWatcher
 from kubeprism.net import HostPort
 from kubeprism.supervise import supervised
-from kubeprism.upstream import EndpointSpec, Pool
+from kubeprism.upstream import Pool
 
 logger = logging.getLogger(__name__)
 

@@ -28,6 +28,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from kubeprism import __version__
+from kubeprism.endpoint import Health
 from kubeprism.health import HealthCost
 from kubeprism.kubewatch import ERROR_REASONS
 from kubeprism.membership import Membership
@@ -35,7 +36,7 @@ from kubeprism.net import HostPort
 from kubeprism.proxy import Proxy
 from kubeprism.stall import StallMeter
 from kubeprism.supervise import SUPERVISOR
-from kubeprism.upstream import Health, Pool
+from kubeprism.upstream import Pool
 
 # Dial and probe latencies from loopback (~100 us) to another continent (~300 ms) and
 # timeouts (~1-2 s): decades with a midpoint.

@@ -22,11 +22,12 @@ from kubeprism.connection import (
     set_linger_rst,
 )
 from kubeprism.dial import Dial, DialOptions
+from kubeprism.endpoint import Evidence, Health, Transition
 from kubeprism.listeners import Acceptor
 from kubeprism.net import LOCAL_ERRNOS, HostPort
 from kubeprism.pipes import PipePool
 from kubeprism.splice import ByteCounter, Mode, PumpContext
-from kubeprism.upstream import Evidence, Health, Pool, Transition
+from kubeprism.upstream import Pool
 
 logger = logging.getLogger(__name__)
 

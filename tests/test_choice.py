@@ -14,8 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kubeprism.net import HostPort
-from kubeprism.upstream import (
+from kubeprism.endpoint import (
     ATTEMPT_DELAY_MAX,
     ATTEMPT_DELAY_MIN,
     DEMOTE_HOLD,
@@ -29,8 +28,9 @@ from kubeprism.upstream import (
     Endpoint,
     EndpointSpec,
     Health,
-    Pool,
 )
+from kubeprism.net import HostPort
+from kubeprism.upstream import Pool
 
 MS = 0.001
 

@@ -15,8 +15,8 @@ from test_proxy_unit import NamedEcho, black_hole, healthy_pool, serving
 from util import eventually
 
 from kubeprism.dial import MAX_ATTEMPTS_IN_FLIGHT
+from kubeprism.endpoint import Health
 from kubeprism.net import HostPort
-from kubeprism.upstream import Health
 
 
 @contextlib.contextmanager

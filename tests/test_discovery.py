@@ -18,10 +18,11 @@ from util import eventually
 from kubeprism.config import ConfigError, KubernetesDiscoveryConfig, config_from_dict
 from kubeprism.credentials import load_credentials
 from kubeprism.discovery import EndpointFilter, load_cache, merge, save_cache
+from kubeprism.endpoint import EndpointSpec
 from kubeprism.kubewatch import SliceWatcher, slice_endpoints
 from kubeprism.membership import Membership
 from kubeprism.net import HostPort
-from kubeprism.upstream import EndpointSpec, Pool
+from kubeprism.upstream import Pool
 
 TOKEN = "s3cret-discovery-token"
 

@@ -23,6 +23,7 @@ from util import eventually
 
 from kubeprism import supervise
 from kubeprism.cadence import JITTER, Cadence, Intervals
+from kubeprism.endpoint import EndpointSpec, Evidence, Health, Transition
 from kubeprism.health import (
     HEALTH_TASK,
     MAX_REASON,
@@ -33,7 +34,7 @@ from kubeprism.health import (
     wait_or_wake,
 )
 from kubeprism.net import HostPort
-from kubeprism.upstream import EndpointSpec, Evidence, Health, Pool, Transition
+from kubeprism.upstream import Pool
 
 A = HostPort("10.0.0.1", 6443)
 B = HostPort("10.0.0.2", 6443)

@@ -25,6 +25,7 @@ from test_stall import NoCpu
 from util import eventually
 
 from kubeprism.config import HealthCheckConfig
+from kubeprism.endpoint import Evidence
 from kubeprism.health import HealthCost, ProbeResult, TcpProbe
 from kubeprism.healthconn import (
     MAX_BODY,
@@ -37,7 +38,6 @@ from kubeprism.healthconn import (
     read_response,
 )
 from kubeprism.net import HostPort
-from kubeprism.upstream import Evidence
 
 # Far beyond a probe's own timeout, far below what a missing one costs (aiohttp's 5 minutes,
 # the kernel's ~2 minutes of SYN retries): no load on the machine makes the probes reach it.

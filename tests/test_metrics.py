@@ -13,12 +13,13 @@ from prometheus_client.core import Metric
 from tcpservers import EchoServer
 from util import eventually, free_port
 
+from kubeprism.endpoint import EndpointSpec, Health
 from kubeprism.health import HealthCost
 from kubeprism.metrics import Metrics, Result
 from kubeprism.net import HostPort
 from kubeprism.proxy import Proxy, ProxySettings
 from kubeprism.stall import StallMeter
-from kubeprism.upstream import EndpointSpec, Health, Pool
+from kubeprism.upstream import Pool
 
 SETTINGS = ProxySettings(
     dial_timeout=1.0,

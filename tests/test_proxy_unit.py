@@ -24,10 +24,11 @@ from util import eventually, open_fds
 
 from kubeprism import proxy as proxy_module
 from kubeprism.connection import CloseReason
+from kubeprism.endpoint import EndpointSpec, Health, Transition
 from kubeprism.listeners import ACCEPT_BACKOFF
 from kubeprism.net import HostPort
 from kubeprism.proxy import Proxy, ProxySettings
-from kubeprism.upstream import EndpointSpec, Health, Pool, Transition
+from kubeprism.upstream import Pool
 
 SETTINGS = ProxySettings(
     dial_timeout=2.0,

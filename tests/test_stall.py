@@ -16,10 +16,10 @@ import pytest
 from util import eventually
 
 from kubeprism.dial import Dial, DialOptions
+from kubeprism.endpoint import Endpoint
 from kubeprism.net import HostPort
 from kubeprism.patience import CAP_FACTOR, Verdict
 from kubeprism.stall import StallMeter, bytes_waiting, judged_timeout
-from kubeprism.upstream import Endpoint
 
 
 class NoCpu(StallMeter):

@@ -20,10 +20,10 @@ from util import eventually
 from kubeprism import supervise
 from kubeprism.config import ConfigError, KubernetesDiscoveryConfig, config_from_dict
 from kubeprism.discovery import EndpointFilter, merge, parse_endpoint, screen
+from kubeprism.endpoint import EndpointSpec
 from kubeprism.kubewatch import SliceWatcher, load_credentials
 from kubeprism.net import HostPort
 from kubeprism.sliceparse import MAX_SLICES, Gone, LineSplitter, SliceSet, WatchError
-from kubeprism.upstream import EndpointSpec
 
 OWN = (HostPort("127.0.0.1", 7445), HostPort("::1", 7445))
 

@@ -11,18 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kubeprism.net import HostPort
-from kubeprism.upstream import (
+from kubeprism.endpoint import (
     FIRST_DECISION_FIGURES,
     LATENCY_EWMA_ALPHA,
     Endpoint,
     EndpointSpec,
     Evidence,
     Health,
-    Pool,
     Transition,
-    specs_from,
 )
+from kubeprism.net import HostPort
+from kubeprism.upstream import Pool, specs_from
 
 H, U, Q = Health.HEALTHY, Health.UNHEALTHY, Health.UNKNOWN
 LETTER = {"H": H, "U": U, "?": Q}
