@@ -10,7 +10,17 @@ import sys
 import pytest
 from daemon_proc import REPO
 
-YAML_FREE = ["upstream", "endpoint", "patience", "stall", "net", "dial", "splice", "connection", "proxy"]
+YAML_FREE = [
+    "upstream",
+    "endpoint",
+    "patience",
+    "stall",
+    "net",
+    "dial",
+    "splice",
+    "connection",
+    "proxy",
+]
 # What `kubeprism run` imports before the first byte is forwarded (or a handed-over
 # connection adopted). aiohttp costs ~0.3 s to import (its client parses the CA bundle),
 # which every restart's pause in forwarding used to include (issue 14).
