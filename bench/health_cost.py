@@ -60,7 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="JSON here")
     p.add_argument("--tag", default="", help="suffix for the result file name")
     p.add_argument(
-        "--interval", default="", help="healthCheck.interval (default: kubeprism's own, 5s)"
+        "--interval",
+        default="",
+        help="healthCheck.interval in seconds, e.g. 0.05 (default: kubeprism's own, 5s)",
     )
     return p.parse_args(argv)
 
@@ -129,8 +131,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "listen": [f"127.0.0.1:{listen}"],
             "admin": {"listen": f"127.0.0.1:{admin}"},
             "upstreams": [f"127.0.0.1:{s.port}" for s in standins],
-            "healthCheck": {"caFile": str(pki.ca)}
-            | ({"interval": args.interval} if args.interval else {}),
+            "healthCheck": {"caFile": str(pki.ca)} | interval_keys(args.interval),
             "discovery": {"cacheFile": ""},
         }
         config = work / "kubeprism.yaml"
@@ -179,6 +180,14 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "kubeprism_cpu_seconds": cpu,
         "servers": per_server,
     }
+
+
+def interval_keys(interval: str) -> dict[str, str]:
+    """healthCheck keys for --interval (the timeout must stay below the interval)."""
+    if not interval:
+        return {}
+    seconds = float(interval.removesuffix("s"))
+    return {"interval": f"{seconds}s", "timeout": f"{min(0.8, seconds / 2)}s"}
 
 
 def cpu_seconds(pid: int) -> float:
