@@ -47,7 +47,11 @@ MAX_REQUESTS_PER_SECOND = 0.2
 # apiserver CPU per check, measured on a real kube-apiserver v1.28.0 (issue 9): a new
 # TCP + TLS handshake + GET /readyz, and a GET /readyz on a kept-alive connection (ms).
 CPU_MS_HANDSHAKE_CHECK = (2.9, 3.1)
-CPU_MS_KEPT_ALIVE_CHECK = (0.58, 0.78)
+# At a node's real rate (one request per ~5 s per connection) a kept-alive check costs the
+# apiserver ~1.3 ms (0.249 ms/s per node per server measured with 40 kubeprism processes on
+# real kube-apiservers v1.28), not the 0.58-0.78 ms measured at 200 checks/s: each check is a
+# wakeup of its own, and wakeups dominate at low rates.
+CPU_MS_KEPT_ALIVE_CHECK = (1.3, 1.3)
 NODES = (100, 1_000, 5_000)
 READY_TIMEOUT = 20.0
 
@@ -248,7 +252,8 @@ def render(result: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines += [
         "",
         "One API server's CPU for these checks at N nodes (per-check CPU measured on a real "
-        "kube-apiserver v1.28: 2.9-3.1 ms with a handshake, 0.58-0.78 ms kept-alive):",
+        "kube-apiserver v1.28: 2.9-3.1 ms with a handshake, ~1.3 ms kept-alive at one check per "
+        "~5 s):",
         "",
         "| nodes | apiserver cores |",
         "| --- | --- |",
