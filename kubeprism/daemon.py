@@ -20,24 +20,26 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kubeprism import handover, prepare, succession, systemd
-from kubeprism.cadence import Intervals
+from kubeprism import prepare
+from kubeprism.base import systemd
+from kubeprism.base.logs import set_level
+from kubeprism.base.net import HostPort
+from kubeprism.base.supervise import supervised
 from kubeprism.config import Config, ConfigError, HealthCheckConfig
-from kubeprism.connection import CloseReason, Frozen
-from kubeprism.endpoint import Health, Transition
-from kubeprism.health import HealthChecker, HealthCost, TcpProbe
-from kubeprism.healthconn import HttpsProbe
-from kubeprism.listeners import StartupError, bind_all
-from kubeprism.logs import set_level
-from kubeprism.membership import Membership
-from kubeprism.metrics import Metrics
-from kubeprism.net import HostPort
-from kubeprism.passive import StallWatch
+from kubeprism.core.cadence import Intervals
+from kubeprism.core.endpoint import Health, Transition
+from kubeprism.core.upstream import Pool
+from kubeprism.discovery.membership import Membership
+from kubeprism.forward import handover, succession
+from kubeprism.forward.connection import CloseReason, Frozen
+from kubeprism.forward.listeners import StartupError, bind_all
+from kubeprism.forward.proxy import Proxy, ProxySettings
+from kubeprism.health.checker import HealthChecker, HealthCost, TcpProbe
+from kubeprism.health.https import HttpsProbe
+from kubeprism.health.passive import StallWatch
+from kubeprism.health.stall import StallMeter
+from kubeprism.ops.metrics import Metrics
 from kubeprism.prepare import Prepared
-from kubeprism.proxy import Proxy, ProxySettings
-from kubeprism.stall import StallMeter
-from kubeprism.supervise import supervised
-from kubeprism.upstream import Pool
 
 # aiohttp (the admin server, and the discovery client in kubewatch.py) takes ~0.3 s to
 # import, more on a loaded node: loaded in a thread once forwarding runs (_load_aiohttp),
@@ -187,7 +189,7 @@ class Daemon:
         self.proxy.serve(self.listeners)
         # Forwarding first; the admin server and discovery (which need aiohttp) after it.
         await _load_aiohttp()
-        from kubeprism.admin import AdminSite, admin_app, admin_runner  # noqa: PLC0415
+        from kubeprism.ops.admin import AdminSite, admin_app, admin_runner  # noqa: PLC0415
 
         self._runner = admin_runner(admin_app(self.pool, self.metrics))
         await self._runner.setup()
@@ -411,7 +413,7 @@ class Daemon:
 async def _load_aiohttp() -> None:
     """Import the admin server (and so all of aiohttp) in a thread: the event loop keeps
     forwarding meanwhile instead of stopping for the whole import."""
-    await asyncio.to_thread(importlib.import_module, "kubeprism.admin")
+    await asyncio.to_thread(importlib.import_module, "kubeprism.ops.admin")
 
 
 async def _close_after(probe: HttpsProbe | TcpProbe, delay: float) -> None:

@@ -1,0 +1,5 @@
+"""Small shared helpers at the bottom of every import: addresses and the errno policy,
+atomic files, logging, task supervision, systemd's sd_notify and sd_listen_fds.
+
+Imports nothing of kubeprism; anything may import it.
+"""
