@@ -16,6 +16,7 @@ YAML_FREE = [
     "core.patience",
     "health.stall",
     "base.net",
+    "base.sockets",
     "forward.dial",
     "forward.splice",
     "forward.connection",

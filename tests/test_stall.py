@@ -16,9 +16,10 @@ import pytest
 from util import eventually
 
 from kubeprism.base.net import HostPort
+from kubeprism.base.sockets import DialOptions
 from kubeprism.core.endpoint import Endpoint
 from kubeprism.core.patience import CAP_FACTOR, Verdict
-from kubeprism.forward.dial import Dial, DialOptions
+from kubeprism.forward.dial import Dial
 from kubeprism.health.stall import StallMeter, bytes_waiting, judged_timeout
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from kubeprism.base.net import LOCAL_ERRNOS, HostPort
+from kubeprism.base.sockets import DialOptions
 from kubeprism.core.endpoint import Evidence, Health, Transition
 from kubeprism.core.upstream import Pool
 from kubeprism.forward.connection import (
@@ -24,7 +25,7 @@ from kubeprism.forward.connection import (
     Frozen,
     set_linger_rst,
 )
-from kubeprism.forward.dial import Dial, DialOptions
+from kubeprism.forward.dial import Dial
 from kubeprism.forward.listeners import Acceptor
 from kubeprism.forward.pipes import PipePool
 from kubeprism.forward.splice import ByteCounter, Mode, PumpContext

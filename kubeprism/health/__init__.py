@@ -2,5 +2,6 @@
 and passive signs from forwarded connections, all feeding the core's pool.
 
 Imports ``kubeprism.config`` (the healthCheck section), ``kubeprism.core`` and
-``kubeprism.base``; never its sibling ``kubeprism.discovery``.
+``kubeprism.base``; never forwarding (the probe's socket comes from ``base.sockets``,
+as the dialer's does) and never its sibling ``kubeprism.discovery``.
 """

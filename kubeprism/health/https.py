@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 from kubeprism import __version__
 from kubeprism.base.net import HostPort
+from kubeprism.base.sockets import DialOptions, open_upstream_socket
 from kubeprism.config import HealthCheckConfig, file_named_by
-from kubeprism.forward.dial import DialOptions, open_upstream_socket
 from kubeprism.health.checker import HealthCost, ProbeResult, TcpProbe, failed, short
 from kubeprism.health.stall import Judgement, StallMeter, judged_timeout
 
