@@ -127,7 +127,9 @@ MALFORMED_REQUESTS = """
 import logging, sys
 from aiohttp.http_exceptions import BadHttpMessage
 from kubeprism.base.logs import setup_logging
+from kubeprism.ops.admin import drop_malformed_requests
 setup_logging("info", "text")
+drop_malformed_requests()  # what admin_runner() does before the admin server starts
 server = logging.getLogger("aiohttp.server")
 server.error("Error handling request", exc_info=BadHttpMessage("Invalid method encountered"))
 server.error("Error handling request", exc_info=RuntimeError("a bug in our handler"))

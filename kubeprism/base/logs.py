@@ -62,23 +62,6 @@ def stderr_is_journal() -> bool:
     return expected == f"{st.st_dev}:{st.st_ino}"
 
 
-class _DropMalformedRequests(logging.Filter):
-    """aiohttp logs every unparsable request to the admin port as an ERROR with a
-    traceback: the client's fault, not ours, and anyone on the node could flood the log.
-    Errors raised by our own handlers are still logged."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        # Imported here: only aiohttp's server logs through this filter, so aiohttp is loaded
-        # by then, and logging is set up long before the daemon needs aiohttp (daemon.py).
-        from aiohttp.http_exceptions import HttpProcessingError  # noqa: PLC0415
-
-        exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, HttpProcessingError)
-
-
-_MALFORMED_REQUESTS = _DropMalformedRequests()
-
-
 def set_level(level: str | None) -> None:
     """Set the root log level (the command line's, then the config's); None keeps it."""
     if level:
@@ -100,4 +83,3 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     set_level(level)
     # aiohttp logs each admin request at INFO; scrapes every few seconds would drown the log.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    logging.getLogger("aiohttp.server").addFilter(_MALFORMED_REQUESTS)

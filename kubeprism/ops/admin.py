@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from kubeprism.core.endpoint import Endpoint
@@ -99,6 +101,25 @@ class AdminSite(web.SockSite):
         )
 
 
+class _DropMalformedRequests(logging.Filter):
+    """aiohttp logs every unparsable request to the admin port as an ERROR with a
+    traceback: the client's fault, not ours, and anyone on the node could flood the log.
+    Errors raised by our own handlers are still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, HttpProcessingError)
+
+
+_MALFORMED_REQUESTS = _DropMalformedRequests()
+
+
+def drop_malformed_requests() -> None:
+    """Keep unparsable admin requests out of the log (idempotent: one filter object)."""
+    logging.getLogger("aiohttp.server").addFilter(_MALFORMED_REQUESTS)
+
+
 def admin_runner(app: web.Application) -> web.AppRunner:
     """A runner for the admin app with short timeouts for idle and incomplete requests."""
+    drop_malformed_requests()
     return web.AppRunner(app, access_log=None, keepalive_timeout=ADMIN_IDLE_TIMEOUT)
