@@ -10,13 +10,15 @@ from pathlib import Path
 import uvloop
 import yaml
 
-from kubeprism import __version__, prepare, readable, reloadcmd, succession
-from kubeprism import kubeconfig as kc
-from kubeprism import status as st
+from kubeprism import __version__, prepare, readable
+from kubeprism.base.logs import LOG_FORMATS, LOG_LEVELS, setup_logging
 from kubeprism.config import DEFAULT_CONFIG_PATH, ConfigError, config_to_dict
 from kubeprism.daemon import Daemon
-from kubeprism.listeners import StartupError
-from kubeprism.logs import LOG_FORMATS, LOG_LEVELS, setup_logging
+from kubeprism.discovery import kubeconfig as kc
+from kubeprism.forward import succession
+from kubeprism.forward.listeners import StartupError
+from kubeprism.ops import reloadcmd
+from kubeprism.ops import status as st
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -20,24 +20,26 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kubeprism import handover, prepare, succession, systemd
-from kubeprism.cadence import Intervals
-from kubeprism.config import Config, ConfigError, HealthCheckConfig
-from kubeprism.connection import CloseReason, Frozen
-from kubeprism.endpoint import Health, Transition
-from kubeprism.health import HealthChecker, HealthCost, TcpProbe
-from kubeprism.healthconn import HttpsProbe
-from kubeprism.listeners import StartupError, bind_all
-from kubeprism.logs import set_level
-from kubeprism.membership import Membership
-from kubeprism.metrics import Metrics
-from kubeprism.net import HostPort
-from kubeprism.passive import StallWatch
+from kubeprism import prepare
+from kubeprism.base import systemd
+from kubeprism.base.logs import set_level
+from kubeprism.base.net import HostPort
+from kubeprism.base.supervise import supervised
+from kubeprism.config import ConfigError
+from kubeprism.core.endpoint import Health, Transition
+from kubeprism.core.upstream import Pool
+from kubeprism.discovery.membership import Membership
+from kubeprism.forward import succession
+from kubeprism.forward.connection import CloseReason, Frozen
+from kubeprism.forward.proxy import Proxy
+from kubeprism.forward.startup import open_sockets
+from kubeprism.health.checker import HealthChecker, HealthCost, TcpProbe
+from kubeprism.health.https import HttpsProbe
+from kubeprism.health.passive import StallWatch
+from kubeprism.health.stall import StallMeter
+from kubeprism.ops.metrics import Metrics
 from kubeprism.prepare import Prepared
-from kubeprism.proxy import Proxy, ProxySettings
-from kubeprism.stall import StallMeter
-from kubeprism.supervise import supervised
-from kubeprism.upstream import Pool
+from kubeprism.settings import intervals, own_addresses, proxy_settings
 
 # aiohttp (the admin server, and the discovery client in kubewatch.py) takes ~0.3 s to
 # import, more on a loaded node: loaded in a thread once forwarding runs (_load_aiohttp),
@@ -51,32 +53,6 @@ logger = logging.getLogger(__name__)
 # (and telling systemd READY=1): long enough for a slow TLS handshake, short enough
 # that a dead control plane does not hold the node's boot.
 FIRST_PASS_TIMEOUT = 5.0
-
-
-def proxy_settings(cfg: Config) -> ProxySettings:
-    """The proxy's part of the config."""
-    ka = cfg.tcp_keepalive
-    return ProxySettings(
-        dial_timeout=cfg.dial_timeout,
-        mode=cfg.forwarding,
-        keepalive_idle=ka.idle,
-        keepalive_interval=ka.interval,
-        keepalive_count=ka.count,
-        user_timeout=cfg.tcp_user_timeout,
-        max_connections=cfg.max_connections,
-        idle_timeout=cfg.idle_timeout,
-        close_on_unhealthy=cfg.close_connections_on_unhealthy,
-    )
-
-
-def _own(cfg: Config) -> tuple[HostPort, ...]:
-    """kubeprism's own addresses: never an upstream."""
-    return (*cfg.listen, *([cfg.admin.listen] if cfg.admin.listen else []))
-
-
-def intervals(hc: HealthCheckConfig) -> Intervals:
-    """The checker's paces."""
-    return Intervals(hc.interval, hc.fast_interval, hc.unhealthy_interval)
 
 
 class Daemon:
@@ -117,31 +93,10 @@ class Daemon:
 
     def bind(self) -> None:
         """Adopt sockets passed by systemd, bind the rest; raise StartupError on failure."""
-        try:
-            fds = systemd.passed_fds()
-            passed = systemd.adopt_sockets(p for p in fds if not handover.is_connection_name(p[1]))
-        except systemd.ListenFdsError as exc:
-            raise StartupError(str(exc)) from exc
-        self.taken = succession.take_over([p for p in fds if handover.is_connection_name(p[1])])
-        self._stored_names = sorted({n for _, n in fds if n.startswith(handover.PREFIX + ".")})
-        from_unit = {id(s) for n, ss in passed.items() if n != handover.LISTENER_NAME for s in ss}
-        match = systemd.match_listeners(passed, self.cfg.listen)
-        for sock, why in match.unmatched:
-            logger.warning("%s; closing it", why)
-            sock.close()
-        if match.matched:
-            logger.info("using %d listening socket(s) passed by systemd", len(match.matched))
-        admin = [self.cfg.admin.listen] if self.cfg.admin.listen else []
-        try:
-            bound = bind_all([*match.missing, *admin])
-        except StartupError:
-            for sock in match.matched.values():
-                sock.close()
-            raise
-        self.listeners = [match.matched.get(a) or bound[a] for a in self.cfg.listen]
-        # A socket unit keeps its own sockets across restarts; the store needs the others.
-        self._store_listeners = [s for s in self.listeners if id(s) not in from_unit]
-        self.admin_socket = bound[admin[0]] if admin else None
+        opened = open_sockets(self.cfg.listen, self.cfg.admin.listen)
+        self.listeners, self.admin_socket = opened.listeners, opened.admin
+        self._store_listeners = opened.store_listeners
+        self.taken, self._stored_names = opened.taken, opened.stored_names
 
     def _build(self, loop: asyncio.AbstractEventLoop) -> None:
         cfg, hc = self.cfg, self.cfg.health_check
@@ -160,7 +115,7 @@ class Daemon:
         self._stall_task = supervised("stall sweeper", sweep)
         self.membership = Membership(self.pool, self.checker.sync, self._retire)
         self.membership.configure(
-            cfg.upstreams, cfg.discovery, self.credentials, cfg.listen[0], _own(cfg)
+            cfg.upstreams, cfg.discovery, self.credentials, cfg.listen[0], own_addresses(cfg)
         )
         self.metrics.guard(self.proxy, self.membership)
         self._was_panic = True
@@ -187,7 +142,7 @@ class Daemon:
         self.proxy.serve(self.listeners)
         # Forwarding first; the admin server and discovery (which need aiohttp) after it.
         await _load_aiohttp()
-        from kubeprism.admin import AdminSite, admin_app, admin_runner  # noqa: PLC0415
+        from kubeprism.ops.admin import AdminSite, admin_app, admin_runner  # noqa: PLC0415
 
         self._runner = admin_runner(admin_app(self.pool, self.metrics))
         await self._runner.setup()
@@ -310,7 +265,7 @@ class Daemon:
         self.checker.set_intervals(intervals(hc))
         self.stalls.timeout = hc.stall_timeout
         self.membership.configure(
-            new.upstreams, new.discovery, prepared.credentials, new.listen[0], _own(new)
+            new.upstreams, new.discovery, prepared.credentials, new.listen[0], own_addresses(new)
         )
         self.membership.start()
 
@@ -411,7 +366,7 @@ class Daemon:
 async def _load_aiohttp() -> None:
     """Import the admin server (and so all of aiohttp) in a thread: the event loop keeps
     forwarding meanwhile instead of stopping for the whole import."""
-    await asyncio.to_thread(importlib.import_module, "kubeprism.admin")
+    await asyncio.to_thread(importlib.import_module, "kubeprism.ops.admin")
 
 
 async def _close_after(probe: HttpsProbe | TcpProbe, delay: float) -> None:

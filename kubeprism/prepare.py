@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kubeprism.config import Config, load_config
-from kubeprism.credentials import Credentials, load_credentials
-from kubeprism.health import TcpProbe
-from kubeprism.healthconn import HttpsProbe, make_probe
+from kubeprism.discovery.credentials import Credentials, load_credentials
+from kubeprism.health.checker import TcpProbe
+from kubeprism.health.https import HttpsProbe, make_probe
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from kubeprism.kubewatch import SliceWatcher
+from kubeprism.discovery.kubewatch import SliceWatcher
 
 SLICES_PATH = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
 SELECTOR = "kubernetes.io/service-name=kubernetes"

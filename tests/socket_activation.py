@@ -5,7 +5,7 @@ python socket_activation.py exec FD=NAME [FD=NAME ...] -- PROGRAM [ARGS...]
     (its own pid, which exec keeps) and LISTEN_FDNAMES set, as systemd does.
 
 python socket_activation.py child [WANTED_ADDRESS ...]
-    calls kubeprism.systemd.listen_fds() and match_listeners(), prints one JSON line
+    calls kubeprism.base.systemd.listen_fds() and match_listeners(), prints one JSON line
     describing what it got, then accepts one connection per matched socket and greets it.
 """
 
@@ -44,7 +44,7 @@ def exec_with_listen_fds(specs: list[str], program: list[str]) -> None:
 def child(wanted_args: list[str]) -> None:
     """Report what listen_fds() and match_listeners() make of the passed sockets."""
     # Imported here: the exec wrapper stays a bare interpreter (restart pauses are measured).
-    from kubeprism import systemd
+    from kubeprism.base import systemd
     from kubeprism.config import parse_host_port
 
     try:

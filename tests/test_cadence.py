@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kubeprism.cadence import JITTER, Cadence, Intervals
-from kubeprism.endpoint import Endpoint, Health
-from kubeprism.net import HostPort
+from kubeprism.base.net import HostPort
+from kubeprism.core.cadence import JITTER, Cadence, Intervals
+from kubeprism.core.endpoint import Endpoint, Health
 
 IV = Intervals(ready=5.0, fast=0.25, unhealthy=1.0)
 A = HostPort("10.0.0.1", 6443)

@@ -1,4 +1,4 @@
-"""Pure tests for how kubeprism.upstream chooses: relative latency classes with hysteresis,
+"""Pure tests for how kubeprism.core.upstream chooses: relative latency classes with hysteresis,
 least connections among equals, overtaken dials, attempt delays; a fleet simulation.
 
 No clock: every call takes ``now`` from the test (a fake clock in seconds).
@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kubeprism.endpoint import (
+from kubeprism.base.net import HostPort
+from kubeprism.core.endpoint import (
     ATTEMPT_DELAY_MAX,
     ATTEMPT_DELAY_MIN,
     DEMOTE_HOLD,
@@ -29,8 +30,7 @@ from kubeprism.endpoint import (
     EndpointSpec,
     Health,
 )
-from kubeprism.net import HostPort
-from kubeprism.upstream import Pool
+from kubeprism.core.upstream import Pool
 
 MS = 0.001
 

@@ -14,6 +14,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kubeprism.base.net import HostPort
 from kubeprism.config import (
     DEFAULT_ADMIN_LISTEN,
     DEFAULT_LISTEN,
@@ -32,8 +33,7 @@ from kubeprism.config import (
     parse_duration,
     parse_host_port,
 )
-from kubeprism.config_yaml import MAX_NESTING, read_document
-from kubeprism.net import HostPort
+from kubeprism.config.safeyaml import MAX_NESTING, read_document
 
 UP = ["10.0.0.1:6443"]
 # A file that certainly exists, usable inside hypothesis tests (no function fixtures there).

@@ -18,12 +18,12 @@ from slices import SliceStore, optional_client_cert_context, run_watcher
 from standin import StandinAPIServer
 from util import eventually
 
+from kubeprism.base.net import HostPort
 from kubeprism.config import DiscoveryConfig, KubernetesDiscoveryConfig
-from kubeprism.credentials import load_credentials
-from kubeprism.kubewatch import SliceWatcher
-from kubeprism.membership import Membership
-from kubeprism.net import HostPort
-from kubeprism.upstream import Pool
+from kubeprism.core.upstream import Pool
+from kubeprism.discovery.credentials import load_credentials
+from kubeprism.discovery.kubewatch import SliceWatcher
+from kubeprism.discovery.membership import Membership
 
 TOKEN = "rotated-token-0123456789"
 NODE_CN = "system:node:node1"

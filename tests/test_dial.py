@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from test_proxy_unit import NamedEcho, black_hole, healthy_pool, serving
 from util import eventually
 
-from kubeprism.dial import MAX_ATTEMPTS_IN_FLIGHT
-from kubeprism.endpoint import Health
-from kubeprism.net import HostPort
+from kubeprism.base.net import HostPort
+from kubeprism.core.endpoint import Health
+from kubeprism.forward.dial import MAX_ATTEMPTS_IN_FLIGHT
 
 
 @contextlib.contextmanager

@@ -15,14 +15,14 @@ from slices import SliceStore, optional_client_cert_context, run_watcher
 from standin import StandinAPIServer
 from util import eventually
 
+from kubeprism.base.net import HostPort
 from kubeprism.config import ConfigError, KubernetesDiscoveryConfig, config_from_dict
-from kubeprism.credentials import load_credentials
-from kubeprism.discovery import EndpointFilter, load_cache, merge, save_cache
-from kubeprism.endpoint import EndpointSpec
-from kubeprism.kubewatch import SliceWatcher, slice_endpoints
-from kubeprism.membership import Membership
-from kubeprism.net import HostPort
-from kubeprism.upstream import Pool
+from kubeprism.core.endpoint import EndpointSpec
+from kubeprism.core.upstream import Pool
+from kubeprism.discovery.credentials import load_credentials
+from kubeprism.discovery.kubewatch import SliceWatcher, slice_endpoints
+from kubeprism.discovery.membership import Membership
+from kubeprism.discovery.sources import EndpointFilter, load_cache, merge, save_cache
 
 TOKEN = "s3cret-discovery-token"
 

@@ -28,8 +28,8 @@ from restart_load import Load, LoadServer, check_held, open_held, pinger, reques
 from service_manager import Service
 from util import eventually, kubectl_argv, kubectl_env
 
-from kubeprism import handover
-from kubeprism.net import HostPort
+from kubeprism.base.net import HostPort
+from kubeprism.forward import handover
 
 STREAMS = 20
 STREAM_SIZE = 64 << 20

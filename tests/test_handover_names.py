@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kubeprism import handover
-from kubeprism.net import HostPort
+from kubeprism.base.net import HostPort
+from kubeprism.forward import handover
 
 EP = HostPort("10.0.0.1", 6443)
 EP6 = HostPort("2001:db8::1", 6443)

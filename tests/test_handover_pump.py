@@ -18,7 +18,7 @@ import pytest
 from datagen import data_bytes
 from util import eventually, tcp_pair
 
-from kubeprism.splice import ByteCounter, Mode, Pump, PumpContext
+from kubeprism.forward.splice import ByteCounter, Mode, Pump, PumpContext
 
 SENT = 8 << 20
 SMALL_BUFFER = 64 * 1024

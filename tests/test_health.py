@@ -1,4 +1,4 @@
-"""health.py: HealthChecker with a fake clock, wait and probe; describe_error.
+"""health/checker.py: HealthChecker with a fake clock, wait and probe; describe_error.
 
 The checker tests never touch the network: a scripted probe answers from a per-endpoint
 queue (an empty queue is a probe that hangs), the clock only moves when a scripted probe
@@ -21,10 +21,12 @@ from dataclasses import dataclass
 import pytest
 from util import eventually
 
-from kubeprism import supervise
-from kubeprism.cadence import JITTER, Cadence, Intervals
-from kubeprism.endpoint import EndpointSpec, Evidence, Health, Transition
-from kubeprism.health import (
+from kubeprism.base import supervise
+from kubeprism.base.net import HostPort
+from kubeprism.core.cadence import JITTER, Cadence, Intervals
+from kubeprism.core.endpoint import EndpointSpec, Evidence, Health, Transition
+from kubeprism.core.upstream import Pool
+from kubeprism.health.checker import (
     HEALTH_TASK,
     MAX_REASON,
     HealthChecker,
@@ -33,8 +35,6 @@ from kubeprism.health import (
     is_local_error,
     wait_or_wake,
 )
-from kubeprism.net import HostPort
-from kubeprism.upstream import Pool
 
 A = HostPort("10.0.0.1", 6443)
 B = HostPort("10.0.0.2", 6443)
@@ -306,7 +306,7 @@ async def test_stop_right_after_sync_removed_every_endpoint_leaves_no_task() -> 
 async def test_a_probe_that_raises_counts_as_failed_and_checking_continues(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="kubeprism.health")
+    caplog.set_level(logging.DEBUG, logger="kubeprism.health.checker")
     async with harness(A) as h:
         h.probe.push(A, RuntimeError("checker bug"), OK)
         await eventually(lambda: h.pool.endpoints[A].health is Health.HEALTHY)
@@ -318,7 +318,7 @@ async def test_a_probe_that_raises_counts_as_failed_and_checking_continues(
             (Health.HEALTHY, "ok"),
         ]
         assert h.checker._first.is_set()  # the first pass does not hang on a broken probe
-    [record] = [r for r in caplog.records if r.name == "kubeprism.health"]
+    [record] = [r for r in caplog.records if r.name == "kubeprism.health.checker"]
     assert record.levelno == logging.DEBUG  # the transition is the visible log line
     assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
 
@@ -361,7 +361,7 @@ async def test_a_probe_failing_for_a_local_reason_is_no_verdict_on_the_endpoint(
         assert h.transitions == [Transition(A, Health.UNKNOWN, Health.HEALTHY, "ok")]
         assert h.pool.endpoints[A].failures == 0
         assert [ok for _a, _s, ok in h.observed] == [True, True]
-    warnings = [r.getMessage() for r in caplog.records if r.name == "kubeprism.health"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "kubeprism.health.checker"]
     reason = "connect failed: Too many open files"
     assert warnings == [f"cannot probe {A}: {reason} (a local limit, not the endpoint)"] * 2
 
@@ -373,7 +373,7 @@ TIMED_OUT = ProbeResult(False, None, "timed out after 0.8s", Evidence.TIMEOUT)
 async def test_a_stalled_check_is_no_verdict_is_retried_at_once_and_logged_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, "kubeprism.health")
+    caplog.set_level(logging.INFO, "kubeprism.health.checker")
     async with harness(A, B, rand=0.0) as h:
         h.probe.push(B, OK)
         h.probe.push(A, OK, INCONCLUSIVE, INCONCLUSIVE, INCONCLUSIVE, OK)
@@ -388,7 +388,7 @@ async def test_a_stalled_check_is_no_verdict_is_retried_at_once_and_logged_once(
         # fake wait records only real waits), then the slow interval after the good one.
         assert h.sleep.delays[f"health {A}"] == pytest.approx([FAST, INTERVAL])
         assert [ok for a, _s, ok in h.observed if a == A] == [True, True]  # no failure seen
-    lines = [r.getMessage() for r in caplog.records if r.name == "kubeprism.health"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "kubeprism.health.checker"]
     assert [line.split(" (")[0] for line in lines] == [
         "checks are late: this node looks overloaded",
         "checks are on time again",

@@ -1,4 +1,4 @@
-"""healthconn.py: the HTTPS check over a kept-alive connection, against real TLS servers.
+"""health/https.py: the HTTPS check over a kept-alive connection, against real TLS servers.
 
 A scripted TLS server on 127.0.0.1 (throwaway trustme CA) answers each request the way
 the test says, counts connections (each one a TLS handshake) and requests, and can close
@@ -24,10 +24,11 @@ import trustme
 from test_stall import NoCpu
 from util import eventually
 
+from kubeprism.base.net import HostPort
 from kubeprism.config import HealthCheckConfig
-from kubeprism.endpoint import Evidence
-from kubeprism.health import HealthCost, ProbeResult, TcpProbe
-from kubeprism.healthconn import (
+from kubeprism.core.endpoint import Evidence
+from kubeprism.health.checker import HealthCost, ProbeResult, TcpProbe
+from kubeprism.health.https import (
     MAX_BODY,
     HttpError,
     HttpsProbe,
@@ -37,7 +38,6 @@ from kubeprism.healthconn import (
     make_probe,
     read_response,
 )
-from kubeprism.net import HostPort
 
 # Far beyond a probe's own timeout, far below what a missing one costs (aiohttp's 5 minutes,
 # the kernel's ~2 minutes of SYN retries): no load on the machine makes the probes reach it.

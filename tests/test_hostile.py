@@ -31,7 +31,7 @@ from standin import StandinAPIServer
 from tcpservers import EchoServer
 from util import eventually
 
-from kubeprism.admin import ADMIN_IDLE_TIMEOUT
+from kubeprism.ops.admin import ADMIN_IDLE_TIMEOUT
 
 TOKEN = "tok-9f3b27c4e1d05a68"
 MiB = 1 << 20

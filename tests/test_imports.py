@@ -1,5 +1,5 @@
 """Layering: the pure core and the fd-level modules import without YAML (and so without
-config.py), and everything the daemon runs before it forwards imports without aiohttp, in a
+kubeprism.config), and everything the daemon runs before it forwards imports without aiohttp, in a
 fresh interpreter where nothing else has imported it first."""
 
 from __future__ import annotations
@@ -11,20 +11,29 @@ import pytest
 from daemon_proc import REPO
 
 YAML_FREE = [
-    "upstream",
-    "endpoint",
-    "patience",
-    "stall",
-    "net",
-    "dial",
-    "splice",
-    "connection",
-    "proxy",
+    "core.upstream",
+    "core.endpoint",
+    "core.patience",
+    "health.stall",
+    "base.net",
+    "base.sockets",
+    "forward.dial",
+    "forward.splice",
+    "forward.connection",
+    "forward.proxy",
 ]
 # What `kubeprism run` imports before the first byte is forwarded (or a handed-over
 # connection adopted). aiohttp costs ~0.3 s to import (its client parses the CA bundle),
 # which every restart's pause in forwarding used to include (issue 14).
-AIOHTTP_FREE = ["__main__", "daemon", "membership", "kubewatch", "metrics", "logs", "prepare"]
+AIOHTTP_FREE = [
+    "__main__",
+    "daemon",
+    "discovery.membership",
+    "discovery.kubewatch",
+    "ops.metrics",
+    "base.logs",
+    "prepare",
+]
 
 
 def _imports_without(module: str, avoided: str) -> None:

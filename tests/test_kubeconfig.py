@@ -18,9 +18,9 @@ from certs import TestPKI
 from daemon_proc import REPO, DaemonProcess, base_config
 from util import free_port, kubectl_path, run_kubectl
 
-from kubeprism import kubeconfig as kc
 from kubeprism.config import KubernetesDiscoveryConfig
-from kubeprism.credentials import load_credentials
+from kubeprism.discovery import kubeconfig as kc
+from kubeprism.discovery.credentials import load_credentials
 
 TIMEOUT = 20.0
 TOKEN = "s3cr3t-node-token-0123456789"

@@ -21,7 +21,7 @@ ISO_UTC_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 TEXT_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
 LOG_SOME = """
 import logging, sys
-from kubeprism.logs import setup_logging
+from kubeprism.base.logs import setup_logging
 setup_logging(sys.argv[1], sys.argv[2])
 log = logging.getLogger("kubeprism.test")
 log.debug("debug %s", "hidden")
@@ -126,8 +126,10 @@ def test_inherited_journal_stream_with_redirected_stderr_keeps_timestamps() -> N
 MALFORMED_REQUESTS = """
 import logging, sys
 from aiohttp.http_exceptions import BadHttpMessage
-from kubeprism.logs import setup_logging
+from kubeprism.base.logs import setup_logging
+from kubeprism.ops.admin import drop_malformed_requests
 setup_logging("info", "text")
+drop_malformed_requests()  # what admin_runner() does before the admin server starts
 server = logging.getLogger("aiohttp.server")
 server.error("Error handling request", exc_info=BadHttpMessage("Invalid method encountered"))
 server.error("Error handling request", exc_info=RuntimeError("a bug in our handler"))

@@ -1,4 +1,4 @@
-"""metrics.py against a private registry (every family: name, type, labels, label values),
+"""ops/metrics.py against a private registry (every family: name, type, labels, label values),
 and the daemon as a subprocess: what a real forwarded or refused dial shows up as."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from prometheus_client.core import Metric
 from tcpservers import EchoServer
 from util import eventually, free_port
 
-from kubeprism.endpoint import EndpointSpec, Health
-from kubeprism.health import HealthCost
-from kubeprism.metrics import Metrics, Result
-from kubeprism.net import HostPort
-from kubeprism.proxy import Proxy, ProxySettings
-from kubeprism.stall import StallMeter
-from kubeprism.upstream import Pool
+from kubeprism.base.net import HostPort
+from kubeprism.core.endpoint import EndpointSpec, Health
+from kubeprism.core.upstream import Pool
+from kubeprism.forward.proxy import Proxy, ProxySettings
+from kubeprism.health.checker import HealthCost
+from kubeprism.health.stall import StallMeter
+from kubeprism.ops.metrics import Metrics, Result
 
 SETTINGS = ProxySettings(
     dial_timeout=1.0,

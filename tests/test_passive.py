@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import pytest
 from util import eventually
 
-from kubeprism.net import HostPort
-from kubeprism.passive import (
+from kubeprism.base.net import HostPort
+from kubeprism.health.passive import (
     SWEEP_PERIOD,
     Connection,
     StallWatch,

@@ -1,4 +1,4 @@
-"""Pure tests for kubeprism.patience: a timeout that counts only the time we could run.
+"""Pure tests for kubeprism.core.patience: a timeout that counts only the time we could run.
 
 A fake clock (plain numbers) and a fake stall source (the run-queue figure passed in).
 """
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kubeprism.patience import CAP_FACTOR, GRACE, STEP, Budget, Verdict
+from kubeprism.core.patience import CAP_FACTOR, GRACE, STEP, Budget, Verdict
 
 TIMEOUT = 0.8
 T0 = 100.0

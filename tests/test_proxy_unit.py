@@ -22,13 +22,13 @@ from typing import Any, cast
 import pytest
 from util import eventually, open_fds
 
-from kubeprism import proxy as proxy_module
-from kubeprism.connection import CloseReason
-from kubeprism.endpoint import EndpointSpec, Health, Transition
-from kubeprism.listeners import ACCEPT_BACKOFF
-from kubeprism.net import HostPort
-from kubeprism.proxy import Proxy, ProxySettings
-from kubeprism.upstream import Pool
+from kubeprism.base.net import HostPort
+from kubeprism.core.endpoint import EndpointSpec, Health, Transition
+from kubeprism.core.upstream import Pool
+from kubeprism.forward import proxy as proxy_module
+from kubeprism.forward.connection import CloseReason
+from kubeprism.forward.listeners import ACCEPT_BACKOFF
+from kubeprism.forward.proxy import Proxy, ProxySettings
 
 SETTINGS = ProxySettings(
     dial_timeout=2.0,
@@ -457,7 +457,7 @@ class FlakyListener:
 async def test_accept_resource_errors_pause_accepting_then_recover(
     error: int, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="kubeprism.listeners")
+    caplog.set_level(logging.INFO, logger="kubeprism.forward.listeners")
     failures = 3
     flaky: list[FlakyListener] = []
 

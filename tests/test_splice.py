@@ -27,9 +27,9 @@ from typing import Any
 import pytest
 from util import count_fds, eventually, tcp_pair, wait_for
 
-from kubeprism import splice
-from kubeprism.pipes import PipePool
-from kubeprism.splice import ByteCounter, Mode, Pump, PumpContext
+from kubeprism.forward import splice
+from kubeprism.forward.pipes import PipePool
+from kubeprism.forward.splice import ByteCounter, Mode, Pump, PumpContext
 
 MODES: list[Mode] = ["splice", "copy"]
 MiB = 1 << 20
@@ -292,7 +292,7 @@ def failing_splice(
 async def test_splice_failure_falls_back_to_copy_without_losing_bytes(
     direction: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="kubeprism.splice")
+    caplog.set_level(logging.WARNING, logger="kubeprism.forward.splice")
     size = 4 * MiB
     data = payload(size)
     async with rig("splice") as r:
@@ -335,7 +335,7 @@ async def test_ebadf_from_splice_is_a_bug_that_closes_not_a_fallback(
     direction: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Regression: EBADF counted as "splice unsupported" and silently fell back to copying."""
-    caplog.set_level(logging.WARNING, logger="kubeprism.splice")
+    caplog.set_level(logging.WARNING, logger="kubeprism.forward.splice")
     async with rig("splice") as r:
         ebadf = OSError(errno.EBADF, "Bad file descriptor")
         failing_splice(monkeypatch, r, lambda side, _n: side == direction, ebadf)

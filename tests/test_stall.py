@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 from util import eventually
 
-from kubeprism.dial import Dial, DialOptions
-from kubeprism.endpoint import Endpoint
-from kubeprism.net import HostPort
-from kubeprism.patience import CAP_FACTOR, Verdict
-from kubeprism.stall import StallMeter, bytes_waiting, judged_timeout
+from kubeprism.base.net import HostPort
+from kubeprism.base.sockets import DialOptions
+from kubeprism.core.endpoint import Endpoint
+from kubeprism.core.patience import CAP_FACTOR, Verdict
+from kubeprism.forward.dial import Dial
+from kubeprism.health.stall import StallMeter, bytes_waiting, judged_timeout
 
 
 class NoCpu(StallMeter):

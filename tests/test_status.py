@@ -15,7 +15,7 @@ from daemon_proc import REPO, DaemonProcess, base_config
 from tcpservers import EchoServer
 from util import free_port
 
-from kubeprism import status
+from kubeprism.ops import status
 
 TIMEOUT = 20.0
 

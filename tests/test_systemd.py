@@ -1,4 +1,4 @@
-"""kubeprism.systemd: sd_notify on real AF_UNIX datagram sockets, sd_listen_fds with real fds.
+"""kubeprism.base.systemd: sd_notify on real AF_UNIX datagram sockets, sd_listen_fds with real fds.
 
 Passed descriptors come from real parents: Debian's systemd-socket-activate, and a small
 Python exec wrapper (socket_activation.py) that binds nothing itself but moves fds to 3, 4, ...
@@ -21,8 +21,8 @@ import pytest
 from socket_activation import GREETING
 from util import free_port, wait_for
 
-from kubeprism import systemd
-from kubeprism.net import HostPort
+from kubeprism.base import systemd
+from kubeprism.base.net import HostPort
 
 HERE = Path(__file__).resolve().parent
 ACTIVATION = str(HERE / "socket_activation.py")
@@ -83,7 +83,9 @@ def test_messages_arrive_on_an_abstract_socket(clean_env: pytest.MonkeyPatch) ->
 
 
 def test_a_child_process_notifies_like_a_service(notify_socket: socket.socket) -> None:
-    code = "import sys; from kubeprism import systemd; sys.exit(0 if systemd.stopping() else 1)"
+    code = (
+        "import sys; from kubeprism.base import systemd; sys.exit(0 if systemd.stopping() else 1)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=TIMEOUT)
     assert notify_socket.recv(4096) == b"STOPPING=1"
 

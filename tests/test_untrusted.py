@@ -17,13 +17,13 @@ from slices import ScriptedSlices, list_body, optional_client_cert_context, slic
 from standin import StandinAPIServer
 from util import eventually
 
-from kubeprism import supervise
+from kubeprism.base import supervise
+from kubeprism.base.net import HostPort
 from kubeprism.config import ConfigError, KubernetesDiscoveryConfig, config_from_dict
-from kubeprism.discovery import EndpointFilter, merge, parse_endpoint, screen
-from kubeprism.endpoint import EndpointSpec
-from kubeprism.kubewatch import SliceWatcher, load_credentials
-from kubeprism.net import HostPort
-from kubeprism.sliceparse import MAX_SLICES, Gone, LineSplitter, SliceSet, WatchError
+from kubeprism.core.endpoint import EndpointSpec
+from kubeprism.discovery.kubewatch import SliceWatcher, load_credentials
+from kubeprism.discovery.sliceparse import MAX_SLICES, Gone, LineSplitter, SliceSet, WatchError
+from kubeprism.discovery.sources import EndpointFilter, merge, parse_endpoint, screen
 
 OWN = (HostPort("127.0.0.1", 7445), HostPort("::1", 7445))
 
@@ -152,7 +152,7 @@ async def test_supervisor_restarts_counts_and_logs_a_repeated_error_once(
             raise RuntimeError("the same bug")
         done.set()
 
-    caplog.set_level(logging.DEBUG, logger="kubeprism.supervise")
+    caplog.set_level(logging.DEBUG, logger="kubeprism.base.supervise")
     task = sup.start("flaky", flaky)
     await asyncio.wait_for(done.wait(), 5)
     await task

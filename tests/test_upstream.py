@@ -1,4 +1,4 @@
-"""Pure tests for kubeprism.upstream: tables for the rules, hypothesis for the invariants."""
+"""Pure tests for kubeprism.core.upstream: tables for the rules, hypothesis for the invariants."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kubeprism.endpoint import (
+from kubeprism.base.net import HostPort
+from kubeprism.core.endpoint import (
     FIRST_DECISION_FIGURES,
     LATENCY_EWMA_ALPHA,
     Endpoint,
@@ -20,8 +21,7 @@ from kubeprism.endpoint import (
     Health,
     Transition,
 )
-from kubeprism.net import HostPort
-from kubeprism.upstream import Pool, specs_from
+from kubeprism.core.upstream import Pool, specs_from
 
 H, U, Q = Health.HEALTHY, Health.UNHEALTHY, Health.UNKNOWN
 LETTER = {"H": H, "U": U, "?": Q}

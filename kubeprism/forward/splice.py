@@ -1,0 +1,382 @@
+"""Byte pumps between two raw non-blocking sockets: zero-copy splice(2), copy fallback.
+
+The fd-level modules are this one, pipes.py, connection.py, listeners.py and proxy.py.
+A :class:`Pump` moves one direction of a connection from readiness callbacks
+(``add_reader``/``add_writer``), never through asyncio transports: uvloop crashes when
+one socket is driven both ways. Pipes come from a pipes.PipePool, borrowed only while
+bytes are in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from kubeprism.base.net import SPLICE_UNSUPPORTED_ERRNOS, is_fd_bug
+from kubeprism.forward.pipes import Pipe, PipePool, close_pipe
+
+logger = logging.getLogger(__name__)
+
+# Copy-mode read size: large enough for bulk, shared by every pump (single thread).
+SCRATCH_SIZE = 256 * 1024
+# In splice mode, a read at least this large switches the pump to splice(2): small
+# request/response traffic is cheaper to copy, bulk is cheaper to splice.
+SPLICE_AFTER = 64 * 1024
+# Reads per readiness callback before yielding to the other connections; the pump then
+# carries on from a callback of its own (see Pump._on_readable for why it must).
+READS_PER_WAKEUP = 16
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+# tcp_info.tcpi_state (its first byte) of an established connection (linux/tcp_states.h).
+_TCP_ESTABLISHED = 1
+
+Mode = Literal["splice", "copy"]
+DoneCallback = Callable[["Pump", "OSError | None"], None]
+
+
+def _established(sock: socket.socket) -> bool:
+    """True while the TCP connection is ESTABLISHED: no FIN or reset received (one
+    getsockopt, cheaper than a recv that raises EAGAIN)."""
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)
+    except OSError:
+        return False  # not TCP, or gone: read again and let recv() say what happened
+    return state[0] == _TCP_ESTABLISHED
+
+
+def splice_supported() -> bool:
+    """True where os.splice exists (Linux, Python >= 3.10)."""
+    return hasattr(os, "splice")
+
+
+class ByteCounter:
+    """A plain integer counter: the byte path must not call a metrics library."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+@dataclass(slots=True)
+class PumpContext:
+    """What every pump of one proxy shares; a reload may change the mode for new pumps."""
+
+    loop: asyncio.AbstractEventLoop
+    mode: Mode
+    pipes: PipePool = field(default_factory=PipePool)
+    # Copy-mode read buffer: one is enough, the loop runs one pump at a time.
+    scratch: bytearray = field(default_factory=lambda: bytearray(SCRATCH_SIZE))
+    # Pumps that fell back from splice to copying (read at scrape time).
+    fallbacks: int = 0
+
+
+class Pump:
+    """Moves bytes from ``src`` to ``dst`` until EOF, then half-closes ``dst``."""
+
+    __slots__ = (
+        "_backlog",
+        "_ctx",
+        "_loop",
+        "_on_done",
+        "_pipe",
+        "_pipes",
+        "_reading",
+        "_scratch",
+        "_splicing",
+        "_writing",
+        "counter",
+        "done",
+        "dst",
+        "dst_fd",
+        "mode",
+        "moved",
+        "peer",
+        "pending",
+        "src",
+        "src_fd",
+    )
+
+    def __init__(
+        self,
+        ctx: PumpContext,
+        src: socket.socket,
+        dst: socket.socket,
+        counter: ByteCounter,
+        on_done: DoneCallback,
+    ) -> None:
+        self._ctx = ctx
+        self._loop = ctx.loop
+        self.src, self.dst = src, dst
+        self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
+        self.mode: Mode = ctx.mode if splice_supported() else "copy"
+        self._pipes = ctx.pipes
+        self._scratch = ctx.scratch
+        self.counter = counter
+        self._on_done = on_done
+        self._pipe: Pipe | None = None
+        self._backlog = b""
+        self.pending = 0  # bytes sitting in the borrowed pipe
+        self.moved = 0
+        self.done = False
+        self._reading = False
+        self._writing = False
+        # Like haproxy's splice-auto: copy small reads (a syscall pair either way, and
+        # copying 100 bytes is cheaper than moving pages through a pipe); splice once a
+        # read shows a bulk transfer.
+        self._splicing = False
+        self.peer: Pump | None = None  # the other direction of the same connection
+
+    def start(self) -> None:
+        """Begin forwarding."""
+        self._want_read(True)
+
+    def stop(self) -> None:
+        """Stop forwarding at once (the connection is being closed)."""
+        self.done = True
+        self._want_read(False)
+        self._want_write(False)
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            # A pipe that still holds bytes must not go back to the pool.
+            close_pipe(pipe) if self.pending else self._pipes.put(pipe)
+            self.pending = 0
+
+    def freeze(self) -> bytes:
+        """Stop at once for a handover; return the bytes read from src but not yet sent.
+
+        One last non-blocking flush first, so usually nothing is left. What is left
+        (a full destination) is returned instead of lost: the next process sends it
+        before it reads again, so no byte is lost or duplicated.
+        """
+        self._want_read(False)
+        self._want_write(False)
+        with contextlib.suppress(OSError):  # a dead dst: the next process sees the error
+            if self._pipe is not None:
+                self._splice_out()
+            elif self._backlog:
+                self._copy_out()
+        left = self._backlog + (self._drain_pipe() if self._pipe is not None else b"")
+        self._backlog = b""
+        self.done = True
+        return left
+
+    def resume(self, backlog: bytes) -> None:
+        """Start an adopted direction: send what the previous process left, then read."""
+        if backlog:
+            self._backlog = backlog
+            self._want_write(True)
+        else:
+            self._want_read(True)
+
+    def detach(self) -> None:
+        """Drop the done callback and the peer: breaks the reference cycles, so a closed
+        connection is freed by reference counting instead of waiting for the GC."""
+        self._on_done = _ignore_done
+        self.peer = None
+
+    @property
+    def holds_pipe(self) -> bool:
+        """True while a pipe is borrowed (for tests and gauges)."""
+        return self._pipe is not None
+
+    # ------------------------------------------------------------ readiness
+
+    def _want_read(self, on: bool) -> None:
+        if on and not self._reading:
+            self._loop.add_reader(self.src_fd, self._on_readable)
+        elif not on and self._reading:
+            self._loop.remove_reader(self.src_fd)
+        self._reading = on
+
+    def _want_write(self, on: bool) -> None:
+        if on and not self._writing:
+            self._loop.add_writer(self.dst_fd, self._on_writable)
+        elif not on and self._writing:
+            self._loop.remove_writer(self.dst_fd)
+        self._writing = on
+
+    def _on_readable(self) -> None:
+        # Read until EAGAIN, EOF or an error (or a short read of a still ESTABLISHED socket,
+        # see _copy_in), never just once: uvloop (libuv) stops watching a socket after one
+        # POLLERR report, so data and a reset arriving together left the reset unread and
+        # the connection (two fds) open forever.
+        try:
+            for _ in range(READS_PER_WAKEUP):
+                if not (self._splice_in() if self._splicing else self._copy_in()):
+                    return
+        except OSError as exc:
+            self._finish(exc)
+            return
+        self._loop.call_soon(self._read_more)
+
+    def _read_more(self) -> None:
+        if self._reading and not self.done:  # not stopped or waiting for dst meanwhile
+            self._on_readable()
+
+    def _on_writable(self) -> None:
+        try:
+            flushed = self._splice_out() if self._pipe is not None else self._copy_out()
+        except OSError as exc:
+            self._finish(exc)
+            return
+        if flushed:
+            self._want_write(False)
+            self._want_read(True)
+
+    # ------------------------------------------------------------ splice path
+
+    def _splice_in(self) -> bool:
+        """One splice from src; True if src may have more to read right now."""
+        if self._pipe is None:
+            self._pipe = self._pipes.get()
+        try:
+            n = os.splice(self.src_fd, self._pipe[1], self._pipes.size, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            self._release_pipe()
+            return False
+        except OSError as exc:
+            if exc.errno not in SPLICE_UNSUPPORTED_ERRNOS:
+                raise
+            self._fall_back(exc)
+            return True
+        if n == 0:
+            self._release_pipe()
+            self._eof()
+            return False
+        self.pending += n
+        if not self._splice_out():
+            self._want_read(False)
+            self._want_write(True)
+            return False
+        return True
+
+    def _splice_out(self) -> bool:
+        """Drain the pipe into dst; True when empty, False when dst is full."""
+        assert self._pipe is not None
+        while self.pending:
+            try:
+                n = os.splice(self._pipe[0], self.dst_fd, self.pending, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                if exc.errno not in SPLICE_UNSUPPORTED_ERRNOS:
+                    raise
+                self._fall_back(exc)
+                return not self._backlog
+            self.pending -= n
+            self.moved += n
+            self.counter.value += n
+        self._release_pipe()
+        return True
+
+    def _release_pipe(self) -> None:
+        if self._pipe is not None and not self.pending:
+            self._pipes.put(self._pipe)
+            self._pipe = None
+
+    def _drain_pipe(self) -> bytes:
+        """Read the bytes waiting in the pipe back into memory; the empty pipe goes back."""
+        assert self._pipe is not None
+        chunks = []
+        while self.pending:
+            chunk = os.read(self._pipe[0], self.pending)
+            self.pending -= len(chunk)
+            chunks.append(chunk)
+        self._release_pipe()
+        return b"".join(chunks)
+
+    def _fall_back(self, exc: OSError) -> None:
+        """Switch this pump to copying, keeping any bytes already in the pipe."""
+        # Counted for every pump, logged once: the reason is the same each time.
+        log = logger.debug if self._ctx.fallbacks else logger.warning
+        log("splice failed (%s); copying bytes instead (kubeprism_splice_fallbacks_total)", exc)
+        self._ctx.fallbacks += 1
+        self.mode = "copy"
+        self._splicing = False
+        if self._pipe is not None:
+            self._backlog = self._drain_pipe()
+
+    # ------------------------------------------------------------ copy path
+
+    def _copy_in(self) -> bool:
+        """One recv from src; True if src may have more to read right now."""
+        try:
+            n = self.src.recv_into(self._scratch)
+        except BlockingIOError:
+            return False
+        if n == 0:
+            self._eof()
+            return False
+        if n >= SPLICE_AFTER and self.mode == "splice":
+            self._splicing = True
+        view = memoryview(self._scratch)[:n]
+        try:
+            sent = self.dst.send(view)
+        except BlockingIOError:
+            sent = 0
+        self._count(sent)
+        if sent < n:
+            # The scratch buffer is shared: keep only the unsent tail, privately.
+            self._backlog = bytes(view[sent:])
+            self._want_read(False)
+            self._want_write(True)
+            return False
+        # A short read took all there was. Level-triggered polling reports new data, so one
+        # more recv() for EAGAIN (a syscall and an exception, ~7 % of a small request's
+        # cost) is needed only when the peer sent a FIN or a reset: those leave
+        # ESTABLISHED, and uvloop stops watching after one POLLERR (see _on_readable), so
+        # they are read in this wakeup.
+        return n == len(self._scratch) or not _established(self.src)
+
+    def _copy_out(self) -> bool:
+        """Send the backlog; True when it is all sent."""
+        try:
+            sent = self.dst.send(self._backlog)
+        except BlockingIOError:
+            return False
+        self._count(sent)
+        self._backlog = self._backlog[sent:]
+        return not self._backlog
+
+    def _count(self, n: int) -> None:
+        self.moved += n
+        self.counter.value += n
+
+    # ------------------------------------------------------------ the end
+
+    def _eof(self) -> None:
+        """The source sent FIN: pass it on (half-close) and report."""
+        if self.peer is not None and self.peer.done:
+            # Both directions ended: the connection closes now, and close() sends the
+            # FIN itself; a shutdown() first would be one more syscall per connection.
+            self._finish(None)
+            return
+        try:
+            self.dst.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                self._finish(exc)
+                return
+        self._finish(None)
+
+    def _finish(self, exc: OSError | None) -> None:
+        if self.done:
+            return
+        if exc is not None and is_fd_bug(exc):
+            # Never a fallback: a bad fd means one was closed or reused under us.
+            logger.error(
+                "BUG: %s on fds %d -> %d; closing the connection", exc, self.src_fd, self.dst_fd
+            )
+        self.stop()
+        self._on_done(self, exc)
+
+
+def _ignore_done(_pump: Pump, _exc: OSError | None) -> None:
+    """The done callback of a detached pump."""
