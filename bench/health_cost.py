@@ -19,9 +19,9 @@ example 0.05) nearly all of it is checks, which gives the CPU of one readiness c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
-import os
 import socket
 import ssl
 import subprocess
@@ -195,9 +195,13 @@ def interval_keys(interval: str) -> dict[str, str]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process so far, from /proc/PID/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of a process's threads so far, from /proc/PID/task/*/schedstat (ns: an idle
+    daemon uses less than one of /proc/PID/stat's 10 ms ticks in a short window)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 def rates(result: dict[str, Any]) -> list[dict[str, Any]]:

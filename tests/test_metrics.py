@@ -52,6 +52,9 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "kubeprism_health_inconclusive": ("counter", ("endpoint",)),
     "kubeprism_health_held_timeouts": ("counter", ("endpoint",)),
     "kubeprism_checks_late": ("gauge", ()),
+    "kubeprism_health_handshakes": ("counter", ("endpoint",)),
+    "kubeprism_health_requests": ("counter", ("endpoint",)),
+    "kubeprism_stall_seconds": ("counter", ()),
     "kubeprism_endpoints": ("gauge", ()),
     "kubeprism_healthy_endpoints": ("gauge", ()),
     "kubeprism_connections": ("counter", ("result",)),
@@ -83,6 +86,12 @@ _SAMPLE_LABELS = {"le"}
 
 def _filled_metrics() -> Metrics:
     """A Metrics with one measured and one unmeasured endpoint, dials, probes and reloads."""
+    return _filled()[0]
+
+
+def _filled() -> tuple[Metrics, Pool]:
+    """_filled_metrics(), and the pool it reads: every endpoint family has a sample of
+    each endpoint."""
     pool = Pool(healthy_threshold=1, unhealthy_threshold=2)
     spec = EndpointSpec(priority=0, sources=frozenset({"static"}))
     pool.reconcile({MEASURED: spec, UNMEASURED: spec})
@@ -98,7 +107,12 @@ def _filled_metrics() -> Metrics:
     metrics.observe_probe(UNMEASURED, 0.4, False)
     metrics.reloaded(True)
     metrics.reloaded(False)
-    return metrics
+    cost = HealthCost()
+    for address in (MEASURED, UNMEASURED):
+        cost.handshakes[address] += 1
+        cost.requests[address] += 2
+    metrics.watch_health(cost, StallMeter())
+    return metrics, pool
 
 
 def _families(metrics: Metrics) -> dict[str, Metric]:
@@ -206,3 +220,29 @@ def test_health_check_cost_per_endpoint_is_read_at_scrape_time() -> None:
     cost.requests[b] += 1  # nothing mirrored: the next scrape sees the counter as it is
     text = metrics.exposition().decode()
     assert metric_sample(text, "kubeprism_health_requests_total", endpoint=str(b)) == 4
+
+
+def _endpoints_in(metrics: Metrics) -> dict[str, set[str]]:
+    """Every family's endpoint label values, from a scrape."""
+    seen: dict[str, set[str]] = {}
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            if "endpoint" in sample.labels:
+                seen.setdefault(family.name, set()).add(sample.labels["endpoint"])
+    return seen
+
+
+async def test_a_retired_endpoint_leaves_no_series_in_any_family() -> None:
+    """Every family with an endpoint label (FAMILIES, which the test above keeps complete)
+    is pruned by the one mechanism, Metrics.forget: a family added without pruning fails."""
+    metrics, pool = _filled()
+    endpoint_families = {name for name, (_, labels) in FAMILIES.items() if "endpoint" in labels}
+    before = _endpoints_in(metrics)
+    gone, kept = str(MEASURED), str(UNMEASURED)  # the measured one has a sample everywhere
+    assert {name for name, values in before.items() if gone in values} == endpoint_families
+    spec = EndpointSpec(priority=0, sources=frozenset({"static"}))
+    pool.reconcile({UNMEASURED: spec})  # it leaves the pool; removalGrace later it is retired:
+    metrics.forget(MEASURED)
+    after = _endpoints_in(metrics)
+    assert {name for name, values in after.items() if gone in values} == set()
+    assert {n for n, v in after.items() if kept in v} == {n for n, v in before.items() if kept in v}

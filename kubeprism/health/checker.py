@@ -61,6 +61,11 @@ class HealthCost:
     handshakes: collections.Counter[HostPort] = field(default_factory=collections.Counter)
     requests: collections.Counter[HostPort] = field(default_factory=collections.Counter)
 
+    def forget(self, address: HostPort) -> None:
+        """Drop a retired endpoint's counts."""
+        self.handshakes.pop(address, None)
+        self.requests.pop(address, None)
+
 
 class Probe(Protocol):
     """One check of one endpoint; ``forget`` drops what is kept for a removed endpoint."""

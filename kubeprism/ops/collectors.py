@@ -35,6 +35,8 @@ class CheckCost(Protocol):
     @property
     def requests(self) -> Mapping[HostPort, int]: ...
 
+    def forget(self, address: HostPort) -> None: ...
+
 
 class RunQueueMeter(Protocol):
     """How long the event loop waited for a CPU (health.stall.StallMeter)."""
@@ -48,6 +50,10 @@ class HealthCostCollector(Collector):
     def __init__(self, cost: CheckCost, meter: RunQueueMeter) -> None:
         self.cost = cost
         self.meter = meter
+
+    def forget(self, address: HostPort) -> None:
+        """Drop a retired endpoint's counts (they exist only for these series)."""
+        self.cost.forget(address)
 
     def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily(
@@ -75,6 +81,9 @@ class StateCollector(Collector):
     def __init__(self, pool: Pool, proxy: Proxy) -> None:
         self.pool = pool
         self.proxy = proxy
+
+    def forget(self, address: HostPort) -> None:
+        """Nothing to drop: the series are read from the pool, which no longer has it."""
 
     def collect(self) -> Iterator[Metric]:
         yield from self._endpoint_metrics()

@@ -12,6 +12,7 @@ import bisect
 import enum
 import itertools
 from collections.abc import Iterator
+from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -54,6 +55,12 @@ LATENCY_BUCKETS = (
 )
 
 
+class EndpointSeries(Collector, Protocol):
+    """A collector with endpoint-labelled series, and a way to drop one endpoint's."""
+
+    def forget(self, address: HostPort) -> None: ...
+
+
 class Result(enum.Enum):
     """The one vocabulary of `result` labels for attempts (dials, probes, reloads)."""
 
@@ -80,8 +87,10 @@ class Metrics:
             "kubeprism_health_check_duration_seconds",
             "Duration of active health checks, by result.",
         )
-        self.registry.register(self.dials)
-        self.registry.register(self.probes)
+        # Everything that keeps series per endpoint, pruned together by forget().
+        self._per_endpoint: list[EndpointSeries] = []
+        self._add(self.dials)
+        self._add(self.probes)
         self.reloads = Counter(
             "kubeprism_config_reloads",
             "Configuration reloads (SIGHUP), by result.",
@@ -97,23 +106,30 @@ class Metrics:
         )
         self.last_reload.set_to_current_time()
 
+    def _add(self, collector: EndpointSeries) -> None:
+        """Register a collector whose series carry an endpoint label: the one way in, so
+        that forget() prunes every such family (tests/test_metrics.py checks each)."""
+        self.registry.register(collector)
+        self._per_endpoint.append(collector)
+
     def watch(self, pool: Pool, proxy: Proxy) -> None:
         """Expose the pool's and the proxy's state, read at scrape time."""
-        self.registry.register(StateCollector(pool, proxy))
+        self._add(StateCollector(pool, proxy))
 
     def guard(self, proxy: Proxy, membership: Membership) -> None:
         """Expose restarts, internal errors and refused discovery input."""
         self.registry.register(GuardCollector(proxy, membership))
 
     def forget(self, address: HostPort) -> None:
-        """An endpoint left the pool: drop its dial and probe series."""
-        self.dials.forget(address)
-        self.probes.forget(address)
+        """An endpoint was retired (removalGrace after it left the pool): drop its series
+        from every family, so /metrics does not grow with endpoint churn."""
+        for collector in self._per_endpoint:
+            collector.forget(address)
 
     def watch_health(self, cost: CheckCost, meter: RunQueueMeter) -> None:
         """Expose what the health checks cost the API servers, and how long kubeprism
         itself waited for a CPU, read at scrape time."""
-        self.registry.register(HealthCostCollector(cost, meter))
+        self._add(HealthCostCollector(cost, meter))
 
     def reloaded(self, ok: bool) -> None:
         """Count one reload attempt."""
