@@ -45,7 +45,7 @@ class ProbeResult:
     ok: bool
     latency: float | None
     reason: str
-    evidence: Evidence = Evidence.ANSWER  # what a failure rests on (upstream.Evidence)
+    evidence: Evidence = Evidence.ANSWER  # what a failure rests on (core.endpoint.Evidence)
 
     @property
     def local(self) -> bool:

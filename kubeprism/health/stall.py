@@ -24,8 +24,8 @@ import logging
 import os
 import socket
 import termios
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from kubeprism.core.patience import STEP, Budget, Verdict
 
@@ -84,7 +84,6 @@ class Judgement:
 
     verdict: Verdict | None = None
     sock: socket.socket | None = None
-    answer_waiting: Callable[[socket.socket | None], bool] = field(default=bytes_waiting)
 
 
 @contextlib.asynccontextmanager
@@ -102,7 +101,7 @@ async def judged_timeout(timeout: float, meter: StallMeter) -> AsyncIterator[Jud
             nonlocal handle
             now = loop.time()
             budget.step_fired(due, now)
-            decision = budget.decide(now, meter.runq(), judgement.answer_waiting(judgement.sock))
+            decision = budget.decide(now, meter.runq(), bytes_waiting(judgement.sock))
             if isinstance(decision, Verdict):
                 judgement.verdict = decision
                 handle = None
