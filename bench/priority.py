@@ -357,7 +357,6 @@ READY_TIMEOUT = 60.0
 def _writable_cpu_container(venv: Path, binds: dict[Path, str]) -> SystemdContainer:
     """A kubeprism_container() whose systemd owns cpu and cpuacct hierarchies it can write."""
     import nspawn  # tests/ is on sys.path (run_systemd)
-    from util import wait_for
 
     class WritableCpuContainer(nspawn.SystemdContainer):
         """nspawn mounts every cgroup-v1 controller hierarchy read-only, so the systemd inside
@@ -365,50 +364,27 @@ def _writable_cpu_container(venv: Path, binds: dict[Path, str]) -> SystemdContai
         own in the host's cpu and cpuacct hierarchies (systemd 252 handles cpu and cpuacct
         together: with cpuacct read-only it puts a unit with CPUWeight= in its slice's cpu
         cgroup), bound in at /srv/cg-*, and PID 1 is a shell that mounts those over nspawn's
-        read-only ones and then execs systemd. A copy of SystemdContainer.boot() otherwise."""
+        read-only ones and then execs systemd (SystemdContainer's two boot hooks)."""
 
         CONTROLLERS = ("cpu", "cpuacct")
 
-        def boot(self) -> None:
-            own = [
+        def _own(self) -> list[Path]:
+            return [
                 nspawn.CGROUP_ROOT / c / f"kubeprism-bench-{self.name}" for c in self.CONTROLLERS
             ]
-            for cgroup in own:
+
+        def _init_command(self) -> list[str]:
+            for controller, cgroup in zip(self.CONTROLLERS, self._own(), strict=True):
                 cgroup.mkdir(exist_ok=True)
+                self.binds[cgroup] = f"/srv/cg-{controller}"
             remount = "".join(
                 f"umount /sys/fs/cgroup/{c} && mount --bind /srv/cg-{c} /sys/fs/cgroup/{c} && "
                 for c in self.CONTROLLERS
             )
-            argv = [
-                "systemd-nspawn",
-                f"--directory={nspawn.rootfs()}",
-                f"--machine={self.name}",
-                "--register=no",
-                "--keep-unit",
-                "--private-network",
-                "--volatile=overlay",
-                "--console=read-only",
-            ]
-            binds = {
-                **self.binds,
-                **dict(zip(own, [f"/srv/cg-{c}" for c in self.CONTROLLERS], strict=True)),
-            }
-            for host, inside in binds.items():
-                host.chmod(0o755)
-                argv.append(f"--bind={host}:{inside}")
-            argv += [f"--bind-ro={h}:{i}" for h, i in self.read_only_binds.items()]
-            argv += ["/bin/sh", "-c", f"{remount}exec /usr/lib/systemd/systemd"]
-            self._cgroups = [*nspawn._make_cgroups(self.name), *own]
-            enter = " ".join(f"echo $$ > {cg / 'cgroup.procs'};" for cg in self._cgroups)
-            with self.console.open("wb") as log:
-                self.proc = subprocess.Popen(
-                    ["sh", "-c", f'{enter} exec "$@"', "sh", *argv],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            self.pid = wait_for(self._find_pid1, nspawn.BOOT_TIMEOUT, message="PID 1")
-            wait_for(self._booted, nspawn.BOOT_TIMEOUT, 0.1, f"boot of {self.name}")
+            return ["/bin/sh", "-c", f"{remount}exec /usr/lib/systemd/systemd"]
+
+        def _extra_cgroups(self) -> list[Path]:
+            return self._own()
 
     return WritableCpuContainer(
         binds={venv: nspawn.VENV, **binds}, read_only_binds={REPO: nspawn.REPO_INSIDE}

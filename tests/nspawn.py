@@ -275,13 +275,14 @@ class SystemdContainer:
             "--private-network",
             "--volatile=overlay",  # changes go to a tmpfs: the cached rootfs stays pristine
             "--console=read-only",
-            "--boot",
         ]
+        init = self._init_command()  # may add binds
         for host, inside in self.binds.items():
             host.chmod(0o755)
             argv.append(f"--bind={host}:{inside}")
         argv += [f"--bind-ro={host}:{inside}" for host, inside in self.read_only_binds.items()]
-        self._cgroups = _make_cgroups(self.name)
+        argv += init
+        self._cgroups = [*_make_cgroups(self.name), *self._extra_cgroups()]
         # Enter our own cgroups first, then exec: nspawn sets the container up inside them.
         enter = " ".join(f"echo $$ > {cg / 'cgroup.procs'};" for cg in self._cgroups)
         with self.console.open("wb") as log:
@@ -293,6 +294,14 @@ class SystemdContainer:
             )
         self.pid = wait_for(self._find_pid1, BOOT_TIMEOUT, message="container PID 1")
         wait_for(self._booted, BOOT_TIMEOUT, 0.1, f"boot of {self.name} ({self.console})")
+
+    def _init_command(self) -> list[str]:
+        """What nspawn runs as PID 1 (after its options): systemd, booted the usual way."""
+        return ["--boot"]
+
+    def _extra_cgroups(self) -> list[Path]:
+        """Host cgroups to enter besides the container's own (a subclass's hook)."""
+        return []
 
     def _find_pid1(self) -> int:
         assert self.proc is not None
