@@ -428,7 +428,7 @@ def _facts(box: SystemdContainer, pid: int) -> dict[str, Any]:
         "uid": next(line.split()[1] for line in status if line.startswith("Uid:")),
         "cpu cgroup (host view)": cgroup,
         "cpu.shares": _shares(cgroup),
-        "autogroup": autogroup.read_text().strip() if autogroup.exists() else "none",
+        "autogroup": (autogroup.read_text().strip() if autogroup.exists() else "") or "none",
     }
 
 

@@ -183,13 +183,16 @@ def nice_of(pid: int) -> int:
     return os.getpriority(os.PRIO_PROCESS, pid)
 
 
-def cpu_group(pid: int) -> tuple[str, str]:
+def cpu_group(pid: int, proc: Path = Path("/proc")) -> tuple[str, str]:
     """(cgroups, autogroup) of a process: processes compete task against task for the CPU
     only when both are equal."""
-    cgroups = Path(f"/proc/{pid}/cgroup").read_text()
-    autogroup = Path(f"/proc/{pid}/autogroup")
-    group = autogroup.read_text().split()[0] if autogroup.exists() else ""
-    return cgroups, group
+    cgroups = (proc / str(pid) / "cgroup").read_text()
+    autogroup = proc / str(pid) / "autogroup"
+    # The file is missing without CONFIG_SCHED_AUTOGROUP and empty for a task that is in no
+    # autogroup (autogroups disabled, or the task sits in a non-root cpu cgroup, as in a CI
+    # container): then the cgroups alone decide.
+    fields = autogroup.read_text().split() if autogroup.exists() else []
+    return cgroups, fields[0] if fields else ""
 
 
 if __name__ == "__main__":
