@@ -18,6 +18,7 @@ import pytest
 from datagen import data_bytes
 from util import eventually, tcp_pair
 
+from kubeprism.forward.reactor import Port, Reactor
 from kubeprism.forward.splice import ByteCounter, Mode, Pump, PumpContext
 
 SENT = 8 << 20
@@ -25,8 +26,25 @@ SMALL_BUFFER = 64 * 1024
 
 
 def _pump(mode: Mode, src: socket.socket, dst: socket.socket) -> tuple[Pump, PumpContext]:
-    ctx = PumpContext(asyncio.get_running_loop(), mode)
-    return Pump(ctx, src, dst, ByteCounter(), lambda _p, _e: None), ctx
+    """A pump with a reactor of its own, as each process has."""
+    reactor = Reactor(asyncio.get_running_loop())
+    ctx = PumpContext(reactor, mode)
+    return Pump(ctx, Port(reactor, src), Port(reactor, dst), ByteCounter(), _ignore), ctx
+
+
+def _ignore(_pump: Pump, _exc: OSError | None) -> None:
+    """No completion expected."""
+
+
+def _hand_over(pump: Pump) -> None:
+    """What Connection.freeze does after freezing its pumps: the sockets leave the set."""
+    pump.src_port.hand_over()
+    pump.dst_port.hand_over()
+
+
+def _close(ctx: PumpContext) -> None:
+    ctx.pipes.close()
+    ctx.reactor.close()
 
 
 @pytest.mark.parametrize("mode", ["splice", "copy"])
@@ -52,6 +70,7 @@ async def test_freeze_with_bytes_in_flight_then_resume_delivers_each_byte_once(
 
         await eventually(stalled, 10, 0.05, message="the pump backs up")
         left = old.freeze()
+        _hand_over(old)
         old.detach()
         assert left, "frozen with nothing in flight: the test did not back the pump up"
         assert old.moved + len(left) <= SENT
@@ -66,11 +85,12 @@ async def test_freeze_with_bytes_in_flight_then_resume_delivers_each_byte_once(
             received += len(chunk)
         await sending
         new.stop()
+        _hand_over(new)
         new.detach()
     finally:
         for ctx in (old_ctx, new_ctx):
             if ctx is not None:
-                ctx.pipes.close()
+                _close(ctx)
         for sock in (feeder, src, dst, sink):
             sock.close()
     assert received == SENT
@@ -86,8 +106,10 @@ async def test_freeze_of_an_idle_pump_leaves_nothing(mode: Mode) -> None:
         pump.start()
         assert pump.freeze() == b""
         assert not pump.holds_pipe and pump.done
+        _hand_over(pump)
+        assert ctx.reactor.watched == 0
     finally:
         pump.detach()
-        ctx.pipes.close()
+        _close(ctx)
         for sock in (feeder, src, dst, sink):
             sock.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import resource
@@ -247,8 +248,19 @@ def test_emfile_neither_spins_nor_stops_the_listener(tmp_path: Path) -> None:
         for c in clients:
             c.close()
         clients.clear()
+        # The upstream answers each client's FIN by closing, as an API server does (never
+        # accepted, the forwarded connections would stay half-closed and hold every fd).
+        upstream.setblocking(False)
+
+        def admin_answers() -> bool:
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    upstream.accept()[0].close()
+            return daemon.admin("/healthz")[0] == 200
+
         # Load gone: the listener serves again (health checks and admin included).
-        wait_for(lambda: daemon.admin("/healthz")[0] == 200, 10, message="admin answers")
+        wait_for(admin_answers, 10, message="admin answers")
+        upstream.setblocking(True)
         with socket.create_connection(("127.0.0.1", daemon.port), timeout=2) as c:
             accepted, _ = upstream.accept()
             accepted.close()

@@ -5,8 +5,8 @@ Each test wires one pump between two TCP connections::
     feeder ──tcp── src ==Pump==> dst ──tcp── sink
 
 The test writes into ``feeder`` and reads from ``sink``; the pump owns ``src``/``dst``. The
-loop handed to the pump records which fds have a reader or writer registered, so the tests
-can see backpressure (reader off, writer on) and that ``stop()`` leaves nothing behind.
+reactor says what each fd waits for, so the tests can see backpressure (reader off, writer
+on) and that ``stop()`` leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from util import count_fds, eventually, tcp_pair, wait_for
 
 from kubeprism.forward import splice
 from kubeprism.forward.pipes import PipePool
+from kubeprism.forward.reactor import IN, OUT, Port, Reactor
 from kubeprism.forward.splice import ByteCounter, Mode, Pump, PumpContext
 
 MODES: list[Mode] = ["splice", "copy"]
@@ -37,41 +38,25 @@ MiB = 1 << 20
 SMALL_BUFFER = 64 * 1024
 
 
-class RecordingLoop:
-    """The real loop, recording which fds have a reader or a writer registered."""
+class RecordingReactor(Reactor):
+    """The real reactor, counting how often a writer starts waiting."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self.readers: set[int] = set()
-        self.writers: set[int] = set()
+        super().__init__(loop)
         self.writer_adds = 0
 
-    def add_reader(self, fd: int, callback: Callable[..., object], *args: object) -> None:
-        self.readers.add(fd)
-        self._loop.add_reader(fd, callback, *args)
-
-    def remove_reader(self, fd: int) -> bool:
-        self.readers.discard(fd)
-        return self._loop.remove_reader(fd)
-
-    def add_writer(self, fd: int, callback: Callable[..., object], *args: object) -> None:
-        self.writers.add(fd)
-        self.writer_adds += 1
-        self._loop.add_writer(fd, callback, *args)
-
-    def remove_writer(self, fd: int) -> bool:
-        self.writers.discard(fd)
-        return self._loop.remove_writer(fd)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._loop, name)
+    def set(self, fd: int, mask: int) -> None:
+        if mask & OUT and not (self.mask(fd) or 0) & OUT:
+            self.writer_adds += 1
+        super().set(fd, mask)
 
 
 @dataclass
 class Rig:
     """One pump between two TCP connections, and what it reported."""
 
-    loop: RecordingLoop
+    loop: asyncio.AbstractEventLoop
+    reactor: RecordingReactor
     pool: PipePool
     counter: ByteCounter
     feeder: socket.socket
@@ -83,9 +68,23 @@ class Rig:
     done: list[tuple[Pump, OSError | None]] = field(default_factory=list)
 
     @property
+    def readers(self) -> set[int]:
+        """fds the reactor reports readability of."""
+        return {
+            s.fileno() for s in (self.src, self.dst) if (self.reactor.mask(s.fileno()) or 0) & IN
+        }
+
+    @property
+    def writers(self) -> set[int]:
+        """fds the reactor reports writability of."""
+        return {
+            s.fileno() for s in (self.src, self.dst) if (self.reactor.mask(s.fileno()) or 0) & OUT
+        }
+
+    @property
     def backpressured(self) -> bool:
         """The pump stopped reading src and waits for dst to become writable."""
-        return not self.loop.readers and self.loop.writers == {self.dst.fileno()}
+        return not self.readers and self.writers == {self.dst.fileno()}
 
     async def send(self, data: bytes, eof: bool = False) -> None:
         """Write into the feeder (and then half-close it)."""
@@ -116,7 +115,8 @@ async def rig(
     mode: Mode, pool: PipePool | None = None, small_buffers: bool = False
 ) -> AsyncIterator[Rig]:
     """A started pump; on exit it is stopped, must have no reader/writer left, sockets closed."""
-    loop = RecordingLoop(asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
+    reactor = RecordingReactor(loop)
     own_pool = pool is None
     pool = PipePool() if pool is None else pool
     feeder, src = tcp_pair()
@@ -125,17 +125,21 @@ async def rig(
         dst.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
     counter = ByteCounter()
     done: list[tuple[Pump, OSError | None]] = []
-    ctx = PumpContext(loop, mode, pool)  # type: ignore[arg-type]
-    pump = Pump(ctx, src, dst, counter, lambda p, exc: done.append((p, exc)))
-    r = Rig(loop, pool, counter, feeder, src, dst, sink, pump, ctx, done)
+    ctx = PumpContext(reactor, mode, pool)
+    ports = Port(reactor, src), Port(reactor, dst)
+    pump = Pump(ctx, *ports, counter, lambda p, exc: done.append((p, exc)))
+    r = Rig(loop, reactor, pool, counter, feeder, src, dst, sink, pump, ctx, done)
     pump.start()
     try:
         yield r
     finally:
         pump.stop()
-        assert (loop.readers, loop.writers) == (set(), set())
+        assert (r.readers, r.writers) == (set(), set())
+        for port in ports:
+            port.leave()
         for sock in (feeder, src, dst, sink):
             sock.close()
+        reactor.close()
         if own_pool:
             pool.close()
     await asyncio.sleep(0)  # let the loop poll once more with the fds gone
@@ -165,7 +169,7 @@ async def test_integrity_with_a_slow_reader_pauses_and_resumes_reading(mode: Mod
         await eventually(lambda: r.done)
         assert r.done == [(r.pump, None)]
         assert r.pump.moved == r.counter.value == size
-        assert r.loop.writer_adds > 1  # it paused and resumed more than once
+        assert r.reactor.writer_adds > 1  # it paused and resumed more than once
         assert r.pump.mode == mode
         assert not r.pump.holds_pipe
         assert r.pool.free == r.pool.created
@@ -235,7 +239,7 @@ async def test_stop_unregisters_and_closes_a_pipe_that_still_holds_bytes(mode: M
             assert r.pump.holds_pipe
             assert r.pump.pending > 0
         r.pump.stop()
-        assert (r.loop.readers, r.loop.writers) == (set(), set())
+        assert (r.readers, r.writers) == (set(), set())
         assert not r.pump.holds_pipe
         assert r.pump.pending == 0
         assert r.pool.free == free_before  # a dirty pipe never goes back to the pool
@@ -350,24 +354,3 @@ async def test_ebadf_from_splice_is_a_bug_that_closes_not_a_fallback(
         assert r.ctx.fallbacks == 0
     assert any(m.startswith("BUG: ") for m in caplog.messages)
     assert not any("splice failed" in m for m in caplog.messages)
-
-
-def test_established_tells_when_a_short_read_may_skip_the_read_for_eagain() -> None:
-    """A short read stops reading only while the connection is ESTABLISHED: a FIN or a
-    reset that came with the data is read in the same wakeup."""
-    a, b = tcp_pair()
-    c, d = tcp_pair()
-    try:
-        assert splice._established(b)
-        a.shutdown(socket.SHUT_WR)  # FIN: b goes to CLOSE_WAIT
-        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        c.close()  # reset: d goes to CLOSE
-        # Loopback delivers both within the calls above; polled all the same.
-        wait_for(lambda: not splice._established(b), message="CLOSE_WAIT after the FIN")
-        wait_for(lambda: not splice._established(d), message="CLOSE after the reset")
-    finally:
-        for sock in (a, b, d):
-            sock.close()
-    left, right = socket.socketpair()  # not TCP: read again, as without the shortcut
-    with left, right:
-        assert not splice._established(left)

@@ -20,6 +20,7 @@ from kubeprism.base.sockets import DialOptions
 from kubeprism.core.endpoint import Endpoint
 from kubeprism.core.patience import CAP_FACTOR, Verdict
 from kubeprism.forward.dial import Dial
+from kubeprism.forward.reactor import Reactor
 from kubeprism.health.stall import StallMeter, bytes_waiting, judged_timeout
 
 
@@ -122,11 +123,15 @@ async def test_a_connect_the_kernel_finished_during_a_stall_is_no_dial_timeout()
     with socket.create_server(("127.0.0.1", 0)) as listener, socket.socket() as client:
         address = HostPort("127.0.0.1", listener.getsockname()[1])
         opts = DialOptions.of(0.1, 1, 1, 1, 2.0)
-        dial = Dial(loop, owner, opts, time.monotonic, client, [Endpoint(address, 0, frozenset())])
+        reactor = Reactor(loop)
+        candidates = [Endpoint(address, 0, frozenset())]
+        dial = Dial(loop, reactor, owner, opts, time.monotonic, client, candidates)
         dial.start()
         # The loop stalls past the dial timeout (on purpose); the kernel connects meanwhile.
         time.sleep(0.3)  # noqa: ASYNC251
         await eventually(lambda: owner.events)
         for sock in owner.won:
+            reactor.forget(sock.fileno())
             sock.close()
+        reactor.close()
     assert owner.events == [("succeeded", address)]

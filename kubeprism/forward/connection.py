@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kubeprism.base.net import HostPort
+from kubeprism.forward.reactor import Port
 from kubeprism.forward.splice import ByteCounter, Pump, PumpContext
 
 # SO_LINGER {on, 0 s}: close with RST, so a dead upstream leaves no FIN_WAIT behind.
@@ -66,6 +67,7 @@ class Connection:
         "closed",
         "idle_mark",
         "idle_since",
+        "ports",
         "pumps",
         "upstream",
     )
@@ -83,9 +85,12 @@ class Connection:
         # Bytes moved at the last sweep that saw a change, and when that sweep ran.
         self.idle_mark = 0
         self.idle_since = ctx.clock()
+        reactor = ctx.pumps.reactor
+        self.ports = (Port(reactor, client), Port(reactor, upstream))
+        down, up = self.ports
         self.pumps = (
-            Pump(ctx.pumps, client, upstream, ctx.to_upstream, self._done),
-            Pump(ctx.pumps, upstream, client, ctx.to_client, self._done),
+            Pump(ctx.pumps, down, up, ctx.to_upstream, self._done),
+            Pump(ctx.pumps, up, down, ctx.to_client, self._done),
         )
 
     @property
@@ -97,13 +102,21 @@ class Connection:
         """Start both directions (an adopted connection first sends what was left)."""
         a, b = self.pumps
         a.peer, b.peer = b, a
-        a.resume(frozen.to_upstream if frozen else b"")
-        b.resume(frozen.to_client if frozen else b"")
+        a.resume(frozen.to_upstream if frozen else b"", join=False)
+        b.resume(frozen.to_client if frozen else b"", join=False)
+        for port in self.ports:
+            port.join()
+        if frozen is None:
+            # The client usually spoke while we dialed (a TLS ClientHello, a request):
+            # read it now instead of after one more poll. Nothing there costs one EAGAIN.
+            a.on_readable()
 
     def freeze(self) -> Frozen:
         """Stop both directions without closing anything (a handover)."""
         self.closed = True
         to_upstream, to_client = (pump.freeze() for pump in self.pumps)
+        for port in self.ports:
+            port.hand_over()  # its file lives on in the next process: out of our set now
         for pump in self.pumps:
             pump.detach()
         self._forget(self)
@@ -127,6 +140,8 @@ class Connection:
         if self.closed:
             return
         self.closed = True
+        for port in self.ports:
+            port.leave()  # first: the pumps stopping then costs no epoll_ctl
         for pump in self.pumps:
             pump.stop()
             pump.detach()

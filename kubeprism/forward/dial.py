@@ -24,6 +24,7 @@ from typing import Protocol
 from kubeprism.base.net import HostPort
 from kubeprism.base.sockets import DialOptions, open_upstream_socket
 from kubeprism.core.endpoint import Endpoint
+from kubeprism.forward.reactor import OUT, Reactor
 
 # Connects in flight at once for one client: the first and two staggered ones, so a
 # partition darkening two of three servers still costs only two attempt delays.
@@ -49,11 +50,17 @@ class DialOwner(Protocol):
 class _Attempt:
     """One connect in flight (``err``: what connect() said at once)."""
 
-    __slots__ = ("address", "delay", "err", "sock", "started")
+    __slots__ = ("address", "delay", "dial", "err", "fd", "sock", "started")
 
-    def __init__(self, ep: Endpoint, sock: socket.socket, started: float, err: int) -> None:
+    def __init__(
+        self, dial: Dial, ep: Endpoint, sock: socket.socket, started: float, err: int
+    ) -> None:
         self.address, self.sock, self.started, self.err = ep.address, sock, started, err
-        self.delay = ep.attempt_delay
+        self.dial, self.fd, self.delay = dial, sock.fileno(), ep.attempt_delay
+
+    def on_events(self, _events: int) -> None:
+        """Writable (connected) or an error (refused): the dial reads SO_ERROR."""
+        self.dial.on_writable(self)
 
 
 class Dial:
@@ -67,6 +74,7 @@ class Dial:
         "_next",
         "_opts",
         "_owner",
+        "_reactor",
         "_timer",
         "client",
     )
@@ -74,6 +82,7 @@ class Dial:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
+        reactor: Reactor,
         owner: DialOwner,
         opts: DialOptions,
         clock: Callable[[], float],
@@ -81,6 +90,7 @@ class Dial:
         candidates: Sequence[Endpoint],
     ) -> None:
         self._loop, self._owner, self._opts, self._clock = loop, owner, opts, clock
+        self._reactor = reactor
         self.client = client
         self._candidates = candidates
         self._next = 0
@@ -102,7 +112,8 @@ class Dial:
                 continue
             if attempt.err == errno.EINPROGRESS:
                 self._attempts.append(attempt)
-                self._loop.add_writer(attempt.sock.fileno(), self._on_writable, attempt)
+                # The winner's registration stays: the connection only changes its mask.
+                self._reactor.watch(attempt.fd, OUT, attempt.on_events)
                 break
             if attempt.err == 0:
                 self._win(attempt)
@@ -134,7 +145,7 @@ class Dial:
             sock.close()
             self._owner.dial_failed(ep.address, self._clock() - started, _unusable(ep.address, exc))
             return None
-        return _Attempt(ep, sock, started, err)
+        return _Attempt(self, ep, sock, started, err)
 
     def _arm(self) -> None:
         """One timer for whatever comes first: a timeout, or the next staggered start."""
@@ -160,13 +171,14 @@ class Dial:
         due = now + _TIMER_SLACK - self._opts.timeout
         for attempt in [a for a in self._attempts if a.started <= due]:
             self._drop(attempt)
-            attempt.sock.close()
+            self._close(attempt)
             timeout = TimeoutError(errno.ETIMEDOUT, "timed out")
             self._owner.dial_failed(attempt.address, now - attempt.started, timeout)
         # Either a timeout or the attempt delay brought us here: dial the next one now.
         self._launch()
 
-    def _on_writable(self, attempt: _Attempt) -> None:
+    def on_writable(self, attempt: _Attempt) -> None:
+        """A connect in flight ended (connected or failed)."""
         self._finish(attempt, attempt.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
 
     def _finish(self, attempt: _Attempt, err: int) -> None:
@@ -175,14 +187,18 @@ class Dial:
         if err == 0:
             self._win(attempt)
             return
-        attempt.sock.close()
+        self._close(attempt)
         self._owner.dial_failed(attempt.address, self._clock() - attempt.started, _os_error(err))
         self._launch()  # a refusal needs no waiting: the next one at once
 
     def _drop(self, attempt: _Attempt) -> None:
-        """Take an attempt out of flight (its socket is the caller's to use or close)."""
+        """Take an attempt out of flight (its socket is the caller's to use or close; a
+        winner's fd stays registered for the connection)."""
         self._attempts.remove(attempt)
-        self._loop.remove_writer(attempt.sock.fileno())
+
+    def _close(self, attempt: _Attempt) -> None:
+        self._reactor.forget(attempt.fd)
+        attempt.sock.close()
 
     def _stop(self) -> list[_Attempt]:
         """Stop the timer and every attempt in flight; return those attempts, closed."""
@@ -191,8 +207,7 @@ class Dial:
             self._timer = None
         losers, self._attempts = self._attempts, []
         for attempt in losers:
-            self._loop.remove_writer(attempt.sock.fileno())
-            attempt.sock.close()
+            self._close(attempt)
         return losers
 
     def _win(self, winner: _Attempt) -> None:

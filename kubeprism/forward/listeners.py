@@ -9,6 +9,7 @@ import socket
 from collections.abc import Callable, Iterable
 
 from kubeprism.base.net import ACCEPT_ABORTED_ERRNOS, LOCAL_ERRNOS, HostPort
+from kubeprism.forward.reactor import IN, Reactor
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +62,12 @@ class Acceptor:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
+        reactor: Reactor,
         admit: Callable[[socket.socket], None],
         failed: Callable[[], None],
     ) -> None:
         self.loop = loop
+        self._reactor = reactor
         self._admit = admit
         self._failed = failed  # counts every failed accept()
         self._listeners: list[socket.socket] = []
@@ -77,13 +80,17 @@ class Acceptor:
             # Set once here: Linux copies TCP_NODELAY to every accepted socket.
             lsock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._listeners.append(lsock)
-            self.loop.add_reader(lsock.fileno(), self._on_accept, lsock)
+            self._watch(lsock)
 
     def stop(self) -> None:
         """Stop accepting; the listening sockets stay open for their owner."""
         for lsock in self._listeners:
-            self.loop.remove_reader(lsock.fileno())
+            # The listening socket lives on (its owner, the next process): out of the set.
+            self._reactor.unregister(lsock.fileno())
         self._listeners.clear()
+
+    def _watch(self, lsock: socket.socket) -> None:
+        self._reactor.watch(lsock.fileno(), IN, lambda _events: self._on_accept(lsock))
 
     def _on_accept(self, lsock: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
@@ -111,9 +118,9 @@ class Acceptor:
                 )
             else:
                 logger.error("accept failed unexpectedly (%s); pausing accepts", exc)
-        self.loop.remove_reader(lsock.fileno())
+        self._reactor.unregister(lsock.fileno())
         self.loop.call_later(ACCEPT_BACKOFF, self._resume, lsock)
 
     def _resume(self, lsock: socket.socket) -> None:
         if lsock in self._listeners and lsock.fileno() >= 0:
-            self.loop.add_reader(lsock.fileno(), self._on_accept, lsock)
+            self._watch(lsock)

@@ -28,6 +28,7 @@ from kubeprism.forward.connection import (
 from kubeprism.forward.dial import Dial
 from kubeprism.forward.listeners import Acceptor
 from kubeprism.forward.pipes import PipePool
+from kubeprism.forward.reactor import Reactor
 from kubeprism.forward.splice import ByteCounter, Mode, PumpContext
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,8 @@ class Proxy:
         self.pool = pool
         self.settings = settings
         self.stats = ProxyStats()
-        self.pumps = PumpContext(loop, settings.mode)
+        self.reactor = Reactor(loop, self._reactor_failed)
+        self.pumps = PumpContext(self.reactor, settings.mode)
         self._on_transition = on_transition
         self.observe_dial = observe_dial or (lambda _a, _s, _ok: None)
         self._clock = clock
@@ -106,7 +108,7 @@ class Proxy:
             self._forget,
             pool.sign,
         )
-        self._acceptor = Acceptor(loop, self._admit, self._accept_failed)
+        self._acceptor = Acceptor(loop, self.reactor, self._admit, self._accept_failed)
         self._by_endpoint: dict[HostPort, set[Connection]] = {}
         self._dialing: set[Dial] = set()
         self._dial_options = _dial_options(settings)
@@ -166,7 +168,9 @@ class Proxy:
             # TCP_NODELAY comes from the listener: Linux copies it to accepted sockets.
             client.setblocking(False)
             candidates = self.pool.candidates()
-            dial = Dial(self.loop, self, self._dial_options, self._clock, client, candidates)
+            dial = Dial(
+                self.loop, self.reactor, self, self._dial_options, self._clock, client, candidates
+            )
             self._dialing.add(dial)
             dial.start()
         except Exception:
@@ -197,6 +201,7 @@ class Proxy:
             self._start(dial.client, upstream, address)
         except Exception:
             dial.client.close()
+            self.reactor.forget(upstream.fileno())
             upstream.close()
             self._check_drained()
             self._unexpected(f"starting to forward to {address}")
@@ -242,13 +247,19 @@ class Proxy:
         dial.client.close()
         self._check_drained()
 
-    def _unexpected(self, what: str) -> None:
+    def _unexpected(
+        self, what: str, outcome: str = "the client was closed", exc: Exception | None = None
+    ) -> None:
         """A bug or a hostile input in the data path: counted, logged once per episode."""
         self.stats.internal_errors += 1
         if not self._internal_trouble:
             self._internal_trouble = True
-            logger.exception("unexpected error %s; the client was closed", what)
+            logger.error("unexpected error %s; %s", what, outcome, exc_info=exc or True)
             self.loop.call_later(INTERNAL_ERROR_QUIET, self._internal_quiet)
+
+    def _reactor_failed(self, fd: int, exc: Exception) -> None:
+        """A handler raised (a bug): counted and logged like any data-path surprise."""
+        self._unexpected(f"handling events of fd {fd}", "it is no longer watched", exc)
 
     def _internal_quiet(self) -> None:
         self._internal_trouble = False
@@ -384,6 +395,7 @@ class Proxy:
         self._schedule_sweep()
         self._check_drained()
         self.pumps.pipes.close()
+        self.reactor.close()
         return left
 
 

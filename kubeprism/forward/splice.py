@@ -1,15 +1,14 @@
 """Byte pumps between two raw non-blocking sockets: zero-copy splice(2), copy fallback.
 
-The fd-level modules are this one, pipes.py, connection.py, listeners.py and proxy.py.
-A :class:`Pump` moves one direction of a connection from readiness callbacks
-(``add_reader``/``add_writer``), never through asyncio transports: uvloop crashes when
-one socket is driven both ways. Pipes come from a pipes.PipePool, borrowed only while
-bytes are in flight.
+The fd-level modules are this one, pipes.py, reactor.py, dial.py, connection.py,
+listeners.py and proxy.py. A :class:`Pump` moves one direction of a connection from the
+readiness events of the forwarding reactor (reactor.py), delivered through the Port of
+each socket; never through asyncio transports: uvloop crashes when one socket is driven
+both ways. Pipes come from a pipes.PipePool, borrowed only while bytes are in flight.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import logging
@@ -21,6 +20,7 @@ from typing import Literal
 
 from kubeprism.base.net import SPLICE_UNSUPPORTED_ERRNOS, is_fd_bug
 from kubeprism.forward.pipes import Pipe, PipePool, close_pipe
+from kubeprism.forward.reactor import IN, OUT, Port, Reactor
 
 logger = logging.getLogger(__name__)
 
@@ -29,25 +29,13 @@ SCRATCH_SIZE = 256 * 1024
 # In splice mode, a read at least this large switches the pump to splice(2): small
 # request/response traffic is cheaper to copy, bulk is cheaper to splice.
 SPLICE_AFTER = 64 * 1024
-# Reads per readiness callback before yielding to the other connections; the pump then
-# carries on from a callback of its own (see Pump._on_readable for why it must).
+# Reads per readiness event before yielding to the other connections; level-triggered,
+# the reactor reports the socket again at its next poll if more is waiting.
 READS_PER_WAKEUP = 16
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
-# tcp_info.tcpi_state (its first byte) of an established connection (linux/tcp_states.h).
-_TCP_ESTABLISHED = 1
 
 Mode = Literal["splice", "copy"]
 DoneCallback = Callable[["Pump", "OSError | None"], None]
-
-
-def _established(sock: socket.socket) -> bool:
-    """True while the TCP connection is ESTABLISHED: no FIN or reset received (one
-    getsockopt, cheaper than a recv that raises EAGAIN)."""
-    try:
-        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)
-    except OSError:
-        return False  # not TCP, or gone: read again and let recv() say what happened
-    return state[0] == _TCP_ESTABLISHED
 
 
 def splice_supported() -> bool:
@@ -68,7 +56,7 @@ class ByteCounter:
 class PumpContext:
     """What every pump of one proxy shares; a reload may change the mode for new pumps."""
 
-    loop: asyncio.AbstractEventLoop
+    reactor: Reactor
     mode: Mode
     pipes: PipePool = field(default_factory=PipePool)
     # Copy-mode read buffer: one is enough, the loop runs one pump at a time.
@@ -83,38 +71,38 @@ class Pump:
     __slots__ = (
         "_backlog",
         "_ctx",
-        "_loop",
         "_on_done",
         "_pipe",
         "_pipes",
-        "_reading",
         "_scratch",
         "_splicing",
-        "_writing",
         "counter",
         "done",
         "dst",
         "dst_fd",
+        "dst_port",
         "mode",
         "moved",
         "peer",
         "pending",
         "src",
         "src_fd",
+        "src_port",
     )
 
     def __init__(
         self,
         ctx: PumpContext,
-        src: socket.socket,
-        dst: socket.socket,
+        src: Port,
+        dst: Port,
         counter: ByteCounter,
         on_done: DoneCallback,
     ) -> None:
         self._ctx = ctx
-        self._loop = ctx.loop
-        self.src, self.dst = src, dst
-        self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
+        self.src_port, self.dst_port = src, dst
+        src.reader, dst.writer = self, self
+        self.src, self.dst = src.sock, dst.sock
+        self.src_fd, self.dst_fd = src.fd, dst.fd
         self.mode: Mode = ctx.mode if splice_supported() else "copy"
         self._pipes = ctx.pipes
         self._scratch = ctx.scratch
@@ -125,8 +113,6 @@ class Pump:
         self.pending = 0  # bytes sitting in the borrowed pipe
         self.moved = 0
         self.done = False
-        self._reading = False
-        self._writing = False
         # Like haproxy's splice-auto: copy small reads (a syscall pair either way, and
         # copying 100 bytes is cheaper than moving pages through a pipe); splice once a
         # read shows a bulk transfer.
@@ -135,7 +121,7 @@ class Pump:
 
     def start(self) -> None:
         """Begin forwarding."""
-        self._want_read(True)
+        self.resume(b"")
 
     def stop(self) -> None:
         """Stop forwarding at once (the connection is being closed)."""
@@ -167,19 +153,25 @@ class Pump:
         self.done = True
         return left
 
-    def resume(self, backlog: bytes) -> None:
-        """Start an adopted direction: send what the previous process left, then read."""
+    def resume(self, backlog: bytes, join: bool = True) -> None:
+        """Start (an adopted direction: send what the previous process left, then read).
+        ``join=False``: the caller joins the ports once both directions said what they
+        wait for (one epoll_ctl per socket instead of two)."""
         if backlog:
             self._backlog = backlog
             self._want_write(True)
         else:
             self._want_read(True)
+        if join:
+            self.src_port.join()
+            self.dst_port.join()
 
     def detach(self) -> None:
         """Drop the done callback and the peer: breaks the reference cycles, so a closed
         connection is freed by reference counting instead of waiting for the GC."""
         self._on_done = _ignore_done
         self.peer = None
+        self.src_port.reader = self.dst_port.writer = None
 
     @property
     def holds_pipe(self) -> bool:
@@ -189,38 +181,24 @@ class Pump:
     # ------------------------------------------------------------ readiness
 
     def _want_read(self, on: bool) -> None:
-        if on and not self._reading:
-            self._loop.add_reader(self.src_fd, self._on_readable)
-        elif not on and self._reading:
-            self._loop.remove_reader(self.src_fd)
-        self._reading = on
+        self.src_port.want(IN, on)
 
     def _want_write(self, on: bool) -> None:
-        if on and not self._writing:
-            self._loop.add_writer(self.dst_fd, self._on_writable)
-        elif not on and self._writing:
-            self._loop.remove_writer(self.dst_fd)
-        self._writing = on
+        self.dst_port.want(OUT, on)
 
-    def _on_readable(self) -> None:
-        # Read until EAGAIN, EOF or an error (or a short read of a still ESTABLISHED socket,
-        # see _copy_in), never just once: uvloop (libuv) stops watching a socket after one
-        # POLLERR report, so data and a reset arriving together left the reset unread and
-        # the connection (two fds) open forever.
+    def on_readable(self) -> None:
+        """src has bytes, a FIN or an error: move what there is, up to a bound."""
+        # Level-triggered: whatever is left after READS_PER_WAKEUP reads, or arrives with
+        # or after a short read (more bytes, a FIN, a reset), is reported again.
         try:
             for _ in range(READS_PER_WAKEUP):
                 if not (self._splice_in() if self._splicing else self._copy_in()):
                     return
         except OSError as exc:
             self._finish(exc)
-            return
-        self._loop.call_soon(self._read_more)
 
-    def _read_more(self) -> None:
-        if self._reading and not self.done:  # not stopped or waiting for dst meanwhile
-            self._on_readable()
-
-    def _on_writable(self) -> None:
+    def on_writable(self) -> None:
+        """dst has room again: flush what is waiting, then read again."""
         try:
             flushed = self._splice_out() if self._pipe is not None else self._copy_out()
         except OSError as exc:
@@ -229,6 +207,10 @@ class Pump:
         if flushed:
             self._want_write(False)
             self._want_read(True)
+
+    def fail(self, exc: OSError) -> None:
+        """The socket reported an error while this pump waited for nothing."""
+        self._finish(exc)
 
     # ------------------------------------------------------------ splice path
 
@@ -328,12 +310,10 @@ class Pump:
             self._want_read(False)
             self._want_write(True)
             return False
-        # A short read took all there was. Level-triggered polling reports new data, so one
-        # more recv() for EAGAIN (a syscall and an exception, ~7 % of a small request's
-        # cost) is needed only when the peer sent a FIN or a reset: those leave
-        # ESTABLISHED, and uvloop stops watching after one POLLERR (see _on_readable), so
-        # they are read in this wakeup.
-        return n == len(self._scratch) or not _established(self.src)
+        # A short read took all there was: no recv() for EAGAIN (a syscall and an
+        # exception, ~7 % of a small request's cost). What comes next, a FIN or a reset
+        # included, the level-triggered reactor reports.
+        return n == len(self._scratch)
 
     def _copy_out(self) -> bool:
         """Send the backlog; True when it is all sent."""
@@ -374,8 +354,11 @@ class Pump:
             logger.error(
                 "BUG: %s on fds %d -> %d; closing the connection", exc, self.src_fd, self.dst_fd
             )
-        self.stop()
+        # Done first, so that a connection that now closes leaves the reactor before
+        # stop() would change what its sockets wait for (no epoll_ctl for a closing fd).
+        self.done = True
         self._on_done(self, exc)
+        self.stop()
 
 
 def _ignore_done(_pump: Pump, _exc: OSError | None) -> None:

@@ -1,0 +1,225 @@
+"""The forwarding engine's own readiness reactor: one level-triggered epoll set that the
+event loop watches as a single fd.
+
+Why not ``loop.add_reader``/``add_writer`` per socket: uvloop builds a libuv poll handle
+for every fd it is asked to watch and tears it down again when the last callback goes,
+each time with a FIONBIO and an epoll_ctl probe/ADD/DEL. A proxied connection paid 18
+epoll_ctl calls that way (haproxy pays ~4). Here a registration lives as long as its
+socket: one ADD when a socket joins, a MOD when what it waits for changes, and no DEL at
+all on close (closing the last fd of a socket takes it out of every epoll set). Like
+haproxy's epoll poller, an explicit DEL is needed only for a socket whose file lives on
+elsewhere: one handed to the next process, or parked (see Port).
+
+Level-triggered, so nothing is lost by doing less per wakeup: a socket that still has
+bytes, a FIN or an error to read is reported again at the next poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import select
+import socket
+from collections.abc import Callable
+from typing import Protocol
+
+logger = logging.getLogger(__name__)
+
+IN = select.EPOLLIN
+OUT = select.EPOLLOUT
+ERR = select.EPOLLERR
+HUP = select.EPOLLHUP
+# Events per poll: bounds one wakeup's work; the rest are reported at the next poll.
+MAX_EVENTS = 256
+
+Handler = Callable[[int], None]
+ErrorHandler = Callable[[int, Exception], None]
+
+
+class Reactor:
+    """An epoll set driven from the event loop; handlers run with the events of their fd."""
+
+    __slots__ = ("_closing", "_ep", "_handlers", "_loop", "_masks", "_on_error", "polls")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, on_error: ErrorHandler | None = None
+    ) -> None:
+        self._loop = loop
+        self._on_error = on_error or _log_error
+        self._ep = select.epoll()  # close-on-exec by default
+        self._handlers: dict[int, Handler] = {}
+        self._masks: dict[int, int] = {}  # what the kernel's set holds for each fd
+        # fds closed during the poll being dispatched: an event already read for one of
+        # them belongs to the old socket, not to a new one that reuses the number.
+        self._closing: set[int] = set()
+        self.polls = 0
+        loop.add_reader(self._ep.fileno(), self._poll)
+
+    def watch(self, fd: int, mask: int, handler: Handler) -> None:
+        """Deliver ``mask`` events of ``fd`` to ``handler`` (registers or modifies)."""
+        self._handlers[fd] = handler
+        self.set(fd, mask)
+
+    def set(self, fd: int, mask: int) -> None:
+        """Change what ``fd`` waits for (a watched fd; one syscall if it changed)."""
+        old = self._masks.get(fd)
+        if old == mask:
+            return
+        try:
+            if old is None:
+                self._ep.register(fd, mask)
+            else:
+                self._ep.modify(fd, mask)
+        except FileNotFoundError:  # closed without forget(): the kernel dropped it
+            self._ep.register(fd, mask)
+        except FileExistsError:  # pragma: no cover - registered without our knowing
+            self._ep.modify(fd, mask)
+        self._masks[fd] = mask
+
+    def forget(self, fd: int) -> None:
+        """The caller closes ``fd`` next: closing removes it from the set, no syscall."""
+        self._handlers.pop(fd, None)
+        self._masks.pop(fd, None)
+        self._closing.add(fd)
+
+    def unregister(self, fd: int) -> None:
+        """Take ``fd`` out of the set now (its file lives on: a handover, a paused socket)."""
+        if self._masks.pop(fd, None) is not None:
+            with contextlib.suppress(OSError):  # closed under us: gone from the set already
+                self._ep.unregister(fd)
+        self._handlers.pop(fd, None)
+        self._closing.add(fd)
+
+    def park(self, fd: int) -> None:
+        """Out of the set but still handled: the next ``set`` adds it again. For a socket
+        that reports a hang-up nobody waits for yet (level-triggered, it would repeat)."""
+        if self._masks.pop(fd, None) is not None:
+            self._ep.unregister(fd)
+
+    def mask(self, fd: int) -> int | None:
+        """What ``fd`` waits for; None when it is not in the set (for tests and asserts)."""
+        return self._masks.get(fd)
+
+    @property
+    def watched(self) -> int:
+        """How many fds have a handler."""
+        return len(self._handlers)
+
+    def _poll(self) -> None:
+        self.polls += 1
+        handlers, closing = self._handlers, self._closing
+        closing.clear()
+        for fd, events in self._ep.poll(0, MAX_EVENTS):
+            if fd in closing:
+                continue
+            handler = handlers.get(fd)
+            if handler is None:  # pragma: no cover - every registration has a handler
+                logger.error("BUG: epoll reported fd %d, which nobody watches", fd)
+                with contextlib.suppress(OSError):
+                    self._ep.unregister(fd)
+                continue
+            try:
+                handler(events)
+            except Exception as exc:
+                # A bug in a handler: level-triggered, the event would repeat forever, so
+                # the fd is dropped from the set and its owner is told.
+                self.unregister(fd)
+                self._on_error(fd, exc)
+        closing.clear()
+
+    def close(self) -> None:
+        """Stop polling and close the set (every socket must be closed or given away)."""
+        if self._ep.closed:
+            return
+        self._loop.remove_reader(self._ep.fileno())
+        self._ep.close()
+        self._handlers.clear()
+        self._masks.clear()
+
+
+def _log_error(fd: int, exc: Exception) -> None:
+    logger.error("BUG: handling events of fd %d failed", fd, exc_info=exc)
+
+
+class Side(Protocol):
+    """One direction of a connection, as a socket's Port sees it (a Pump)."""
+
+    done: bool
+
+    def on_readable(self) -> None: ...
+
+    def on_writable(self) -> None: ...
+
+    def fail(self, exc: OSError) -> None: ...
+
+
+class Port:
+    """One socket of a connection in the reactor: what its reading side (the pump that
+    reads it) and its writing side (the pump that writes it) wait for, as one epoll mask."""
+
+    __slots__ = ("fd", "joined", "mask", "reactor", "reader", "sock", "writer")
+
+    def __init__(self, reactor: Reactor, sock: socket.socket) -> None:
+        self.reactor, self.sock, self.fd = reactor, sock, sock.fileno()
+        self.mask = 0
+        self.joined = False
+        self.reader: Side | None = None
+        self.writer: Side | None = None
+
+    def join(self) -> None:
+        """Be handled by this port from now on, waiting for what the sides asked for so
+        far: one ADD, or one MOD for a socket a dial registered."""
+        if not self.joined and self.fd >= 0:
+            self.joined = True
+            self.reactor.watch(self.fd, self.mask, self.on_events)
+
+    def want(self, bit: int, on: bool) -> None:
+        """Wait for ``bit`` (IN or OUT) or stop waiting for it."""
+        mask = self.mask | bit if on else self.mask & ~bit
+        if mask != self.mask:
+            self.mask = mask
+            if self.joined:
+                self.reactor.set(self.fd, mask)
+
+    def leave(self) -> None:
+        """The socket is about to be closed: no syscall, no further event."""
+        if self.fd >= 0:
+            self.reactor.forget(self.fd)
+        self._gone()
+
+    def hand_over(self) -> None:
+        """The socket goes to another process: out of the set now, no further event."""
+        if self.fd >= 0:
+            self.reactor.unregister(self.fd)
+        self._gone()
+
+    def _gone(self) -> None:
+        self.fd, self.mask, self.joined = -1, 0, False
+
+    def on_events(self, events: int) -> None:
+        """Dispatch one poll's events to the side waiting for them."""
+        mask = self.mask
+        if mask & IN and events & (IN | ERR | HUP):
+            assert self.reader is not None
+            self.reader.on_readable()
+        if self.mask & OUT and events & (OUT | ERR | HUP):
+            assert self.writer is not None
+            self.writer.on_writable()
+        if not mask & (IN | OUT):
+            self._unwanted(events)
+
+    def _unwanted(self, events: int) -> None:
+        """An error or hang-up while nobody waits (a paused or finished direction). An
+        error ends the connection now (an idle socket's reset is noticed at once, not at
+        the next byte); a hang-up is parked until a side waits again."""
+        if events & ERR:
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            side = self.reader if self.reader is not None and not self.reader.done else None
+            side = side or self.writer
+            if err and side is not None and not side.done:
+                side.fail(OSError(err, os.strerror(err)))
+                return
+        if self.fd >= 0:
+            self.reactor.park(self.fd)
