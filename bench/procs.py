@@ -164,9 +164,13 @@ def tree(pid: int) -> list[int]:
     return out
 
 
-def _ticks(pid: int | str) -> int:
+def _user_sys_ticks(pid: int | str) -> tuple[int, int]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime, stime
+    return int(fields[11]), int(fields[12])  # utime, stime
+
+
+def _ticks(pid: int | str) -> int:
+    return sum(_user_sys_ticks(pid))
 
 
 def foreign_ticks() -> dict[int, int]:
@@ -187,11 +191,42 @@ def foreign_cpu(before: dict[int, int], after: dict[int, int]) -> float:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of the process tree so far."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU time of the process tree so far (clock ticks: 10 ms steps)."""
+    user = system = 0
+    for p in tree(pid):
+        with contextlib.suppress(OSError):
+            u, s = _user_sys_ticks(p)
+            user, system = user + u, system + s
+    return user / _TICKS, system / _TICKS
+
+
+def run_seconds(pid: int) -> float:
+    """Time on CPU of every live thread of the process tree (schedstat: ns, not ticks).
+
+    Threads that exited meanwhile are missed; the proxies measured keep theirs.
+    """
     total = 0
     for p in tree(pid):
         with contextlib.suppress(OSError):
-            total += _ticks(p)
-    return total / _TICKS
+            for task in os.scandir(f"/proc/{p}/task"):
+                with contextlib.suppress(OSError, ValueError):
+                    total += int(Path(task.path, "schedstat").read_text().split()[0])
+    return total / 1e9
+
+
+def traced(pid: int) -> bool:
+    """True when every thread of the process tree has a tracer attached (strace -f -p)."""
+    for p in tree(pid):
+        with contextlib.suppress(OSError):  # a thread or process that just exited
+            for task in os.scandir(f"/proc/{p}/task"):
+                status = Path(task.path, "status").read_text()
+                if status.split("TracerPid:", 1)[1].split(None, 1)[0] == "0":
+                    return False
+    return True
 
 
 def rss_bytes(pid: int) -> int:

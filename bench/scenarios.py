@@ -143,31 +143,52 @@ def pingpong(target: Target, ctx: Context) -> Result:
 
 
 _RPS = re.compile(r"Requests/sec:\s*([\d.]+)")
+_REQUESTS = re.compile(r"(\d+) requests in ")
 _ERRORS = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
 _NON2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
 
 
-def _wrk(target: Target, ctx: Context, close: bool, prefix: str, key: str) -> Result:
-    with backends.http(ctx.workdir) as up, target.launch(up, ctx.workdir) as run:
-        ctx.record_start(target, run)
-        secs = ctx.sizes.seconds
-        argv = ["wrk", f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}", f"-d{secs}s"]
-        if close:
-            argv += ["-H", "Connection: close"]
-        cpu0 = ctx.load_starts(run)
-        out = procs.run_tool([*argv, f"http://127.0.0.1:{run.port}/"], secs + TOOL_SLACK)
-        cpu1 = _proxy_cpu(run)
-    rps = _RPS.search(out)
-    if rps is None:
+@dataclass(frozen=True)
+class Wrk:
+    """What one wrk run reports: completed requests, their rate, and failures of any kind."""
+
+    requests: int
+    rps: float
+    errors: int
+
+
+def wrk_argv(port: int, seconds: float, close: bool, *extra: str) -> list[str]:
+    """wrk's shape of issue 5 against 127.0.0.1:port; ``close``: one connection per request."""
+    argv = ["wrk", f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}", f"-d{seconds:g}s", *extra]
+    if close:
+        argv += ["-H", "Connection: close"]
+    return [*argv, f"http://127.0.0.1:{port}/"]
+
+
+def parse_wrk(out: str) -> Wrk:
+    """The figures of wrk's text output; BenchError if it has none."""
+    rps, requests = _RPS.search(out), _REQUESTS.search(out)
+    if rps is None or requests is None:
         raise procs.BenchError(f"no Requests/sec in wrk output: {out[-500:]}")
     errors = _ERRORS.search(out)
     non2xx = _NON2XX.search(out)
     failed = (sum(map(int, errors.groups())) if errors else 0) + (
         int(non2xx.group(1)) if non2xx else 0
     )
+    return Wrk(int(requests.group(1)), float(rps.group(1)), failed)
+
+
+def _wrk(target: Target, ctx: Context, close: bool, prefix: str, key: str) -> Result:
+    with backends.http(ctx.workdir) as up, target.launch(up, ctx.workdir) as run:
+        ctx.record_start(target, run)
+        secs = ctx.sizes.seconds
+        cpu0 = ctx.load_starts(run)
+        out = procs.run_tool(wrk_argv(run.port, secs, close), secs + TOOL_SLACK)
+        cpu1 = _proxy_cpu(run)
+    done = parse_wrk(out)
     return {
-        key: float(rps.group(1)),
-        f"{prefix}_errors": float(failed),
+        key: done.rps,
+        f"{prefix}_errors": float(done.errors),
         f"{prefix}_proxy_cpu": _frac(cpu0, cpu1, secs),
     }
 
