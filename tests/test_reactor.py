@@ -46,7 +46,9 @@ class CountingEpoll:
 async def test_a_proxied_connection_costs_at_most_four_epoll_ctl() -> None:
     """uvloop's add_reader/add_writer cost 18 per connection; haproxy pays ~4."""
     async with NamedEcho("A") as a, serving(healthy_pool(a.address)) as rig:
-        counting = CountingEpoll(rig.proxy.reactor._ep)
+        real = rig.proxy.reactor._ep
+        assert real is not None  # opened when the listener was registered
+        counting = CountingEpoll(real)
         rig.proxy.reactor._ep = counting  # type: ignore[assignment]
         rounds = 20
         for _ in range(rounds):

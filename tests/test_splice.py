@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from util import count_fds, eventually, tcp_pair, wait_for
+from util import count_fds, eventually, tcp_pair
 
 from kubeprism.forward import splice
 from kubeprism.forward.pipes import PipePool

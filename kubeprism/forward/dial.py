@@ -24,7 +24,7 @@ from typing import Protocol
 from kubeprism.base.net import HostPort
 from kubeprism.base.sockets import DialOptions, open_upstream_socket
 from kubeprism.core.endpoint import Endpoint
-from kubeprism.forward.reactor import OUT, Reactor
+from kubeprism.forward.reactor import ERR, HUP, OUT, Reactor
 
 # Connects in flight at once for one client: the first and two staggered ones, so a
 # partition darkening two of three servers still costs only two attempt delays.
@@ -58,9 +58,12 @@ class _Attempt:
         self.address, self.sock, self.started, self.err = ep.address, sock, started, err
         self.dial, self.fd, self.delay = dial, sock.fileno(), ep.attempt_delay
 
-    def on_events(self, _events: int) -> None:
-        """Writable (connected) or an error (refused): the dial reads SO_ERROR."""
-        self.dial.on_writable(self)
+    def on_events(self, events: int) -> None:
+        """Writable: connected; with an error (refused, unreachable): SO_ERROR says which.
+        A successful connect costs no getsockopt (haproxy reads SO_ERROR only on error too)."""
+        failed = events & (ERR | HUP)
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if failed else 0
+        self.dial.finish(self, err)
 
 
 class Dial:
@@ -165,7 +168,7 @@ class Dial:
         for attempt in list(self._attempts):
             err = _connect_result(attempt.sock)
             if err is not None:
-                self._finish(attempt, err)
+                self.finish(attempt, err)
                 return
         now = self._clock()
         due = now + _TIMER_SLACK - self._opts.timeout
@@ -177,11 +180,7 @@ class Dial:
         # Either a timeout or the attempt delay brought us here: dial the next one now.
         self._launch()
 
-    def on_writable(self, attempt: _Attempt) -> None:
-        """A connect in flight ended (connected or failed)."""
-        self._finish(attempt, attempt.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
-
-    def _finish(self, attempt: _Attempt, err: int) -> None:
+    def finish(self, attempt: _Attempt, err: int) -> None:
         """The connect ended: won (``err`` 0) or failed with ``err``."""
         self._drop(attempt)
         if err == 0:

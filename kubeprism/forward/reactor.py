@@ -48,14 +48,19 @@ class Reactor:
     ) -> None:
         self._loop = loop
         self._on_error = on_error or _log_error
-        self._ep = select.epoll()  # close-on-exec by default
+        # Opened with the first registration: a proxy that never serves holds no fd.
+        self._ep: select.epoll | None = None
         self._handlers: dict[int, Handler] = {}
         self._masks: dict[int, int] = {}  # what the kernel's set holds for each fd
         # fds closed during the poll being dispatched: an event already read for one of
         # them belongs to the old socket, not to a new one that reuses the number.
         self._closing: set[int] = set()
         self.polls = 0
-        loop.add_reader(self._ep.fileno(), self._poll)
+
+    def _open(self) -> select.epoll:
+        ep = self._ep = select.epoll()  # close-on-exec by default
+        self._loop.add_reader(ep.fileno(), self._poll)
+        return ep
 
     def watch(self, fd: int, mask: int, handler: Handler) -> None:
         """Deliver ``mask`` events of ``fd`` to ``handler`` (registers or modifies)."""
@@ -67,15 +72,16 @@ class Reactor:
         old = self._masks.get(fd)
         if old == mask:
             return
+        ep = self._ep or self._open()
         try:
             if old is None:
-                self._ep.register(fd, mask)
+                ep.register(fd, mask)
             else:
-                self._ep.modify(fd, mask)
+                ep.modify(fd, mask)
         except FileNotFoundError:  # closed without forget(): the kernel dropped it
-            self._ep.register(fd, mask)
+            ep.register(fd, mask)
         except FileExistsError:  # pragma: no cover - registered without our knowing
-            self._ep.modify(fd, mask)
+            ep.modify(fd, mask)
         self._masks[fd] = mask
 
     def forget(self, fd: int) -> None:
@@ -86,7 +92,7 @@ class Reactor:
 
     def unregister(self, fd: int) -> None:
         """Take ``fd`` out of the set now (its file lives on: a handover, a paused socket)."""
-        if self._masks.pop(fd, None) is not None:
+        if self._masks.pop(fd, None) is not None and self._ep is not None:
             with contextlib.suppress(OSError):  # closed under us: gone from the set already
                 self._ep.unregister(fd)
         self._handlers.pop(fd, None)
@@ -95,7 +101,7 @@ class Reactor:
     def park(self, fd: int) -> None:
         """Out of the set but still handled: the next ``set`` adds it again. For a socket
         that reports a hang-up nobody waits for yet (level-triggered, it would repeat)."""
-        if self._masks.pop(fd, None) is not None:
+        if self._masks.pop(fd, None) is not None and self._ep is not None:
             self._ep.unregister(fd)
 
     def mask(self, fd: int) -> int | None:
@@ -108,6 +114,7 @@ class Reactor:
         return len(self._handlers)
 
     def _poll(self) -> None:
+        assert self._ep is not None  # polled only while open
         self.polls += 1
         handlers, closing = self._handlers, self._closing
         closing.clear()
@@ -130,11 +137,12 @@ class Reactor:
         closing.clear()
 
     def close(self) -> None:
-        """Stop polling and close the set (every socket must be closed or given away)."""
-        if self._ep.closed:
-            return
-        self._loop.remove_reader(self._ep.fileno())
-        self._ep.close()
+        """Stop polling and close the set (every socket must be closed or given away); a
+        later registration opens a new one."""
+        ep, self._ep = self._ep, None
+        if ep is not None:
+            self._loop.remove_reader(ep.fileno())
+            ep.close()
         self._handlers.clear()
         self._masks.clear()
 
