@@ -26,6 +26,7 @@ from kubeprism.base.net import HostPort
 from kubeprism.core.endpoint import EndpointSpec, Health, Transition
 from kubeprism.core.upstream import Pool
 from kubeprism.forward import proxy as proxy_module
+from kubeprism.forward.arming import ARM_AFTER
 from kubeprism.forward.connection import CloseReason
 from kubeprism.forward.listeners import ACCEPT_BACKOFF
 from kubeprism.forward.proxy import Proxy, ProxySettings
@@ -264,15 +265,20 @@ async def test_forwards_and_counts_active_connections(mode: str) -> None:
 
 
 async def test_socket_options_on_both_legs() -> None:
-    """NODELAY both ways; keepalive and TCP_USER_TIMEOUT on the upstream leg, as configured."""
+    """NODELAY both ways at once; keepalive and TCP_USER_TIMEOUT on the upstream leg, as
+    configured, once the connection has lived ARM_AFTER (at most twice that)."""
     async with NamedEcho("A") as a, serving(healthy_pool(a.address)) as rig:
         await rig.connect()
+        started = time.monotonic()
         [conn] = rig.proxy._by_endpoint[a.address]
         tcp = socket.IPPROTO_TCP
         assert conn.client.getsockopt(tcp, socket.TCP_NODELAY)
         up = conn.upstream
         assert up.getsockopt(tcp, socket.TCP_NODELAY)
-        assert up.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+        assert not up.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)  # not yet
+        await eventually(lambda: up.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 3)
+        assert ARM_AFTER - 0.1 <= time.monotonic() - started <= 2 * ARM_AFTER + 0.5
+        assert rig.proxy._arming.armed == 1
         assert up.getsockopt(tcp, socket.TCP_KEEPIDLE) == SETTINGS.keepalive_idle
         assert up.getsockopt(tcp, socket.TCP_KEEPINTVL) == SETTINGS.keepalive_interval
         assert up.getsockopt(tcp, socket.TCP_KEEPCNT) == SETTINGS.keepalive_count

@@ -36,18 +36,28 @@ class DialOptions:
         )
 
 
-def open_upstream_socket(address: HostPort, opts: DialOptions) -> socket.socket:
-    """A non-blocking socket with NODELAY, keepalive and TCP_USER_TIMEOUT set."""
+def open_upstream_socket(
+    address: HostPort, opts: DialOptions, liveness: bool = True
+) -> socket.socket:
+    """A non-blocking socket with NODELAY set, and keepalive and TCP_USER_TIMEOUT unless
+    ``liveness`` is False (the caller then sets them with :func:`set_liveness` later)."""
     sock = socket.socket(address.family, _STREAM)
     try:
-        tcp = socket.IPPROTO_TCP
-        sock.setsockopt(tcp, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(tcp, socket.TCP_KEEPIDLE, opts.keepalive_idle)
-        sock.setsockopt(tcp, socket.TCP_KEEPINTVL, opts.keepalive_interval)
-        sock.setsockopt(tcp, socket.TCP_KEEPCNT, opts.keepalive_count)
-        sock.setsockopt(tcp, _TCP_USER_TIMEOUT, opts.user_timeout_ms)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if liveness:
+            set_liveness(sock, opts)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def set_liveness(sock: socket.socket, opts: DialOptions) -> None:
+    """Let the kernel judge the connection's liveness: keepalive probes while idle,
+    TCP_USER_TIMEOUT while data waits for an acknowledgement."""
+    tcp = socket.IPPROTO_TCP
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(tcp, socket.TCP_KEEPIDLE, opts.keepalive_idle)
+    sock.setsockopt(tcp, socket.TCP_KEEPINTVL, opts.keepalive_interval)
+    sock.setsockopt(tcp, socket.TCP_KEEPCNT, opts.keepalive_count)
+    sock.setsockopt(tcp, _TCP_USER_TIMEOUT, opts.user_timeout_ms)

@@ -135,7 +135,8 @@ class Dial:
         """A non-blocking connect to ``ep``; None (reported) if it could not even start."""
         started = self._clock()
         try:
-            sock = open_upstream_socket(ep.address, self._opts)
+            # Liveness options come later, from arming.py, if the connection lives.
+            sock = open_upstream_socket(ep.address, self._opts, liveness=False)
         except OSError as exc:
             self._owner.dial_failed(ep.address, 0.0, exc)
             return None

@@ -18,6 +18,7 @@ from kubeprism.base.net import LOCAL_ERRNOS, HostPort
 from kubeprism.base.sockets import DialOptions
 from kubeprism.core.endpoint import Evidence, Health, Transition
 from kubeprism.core.upstream import Pool
+from kubeprism.forward.arming import Arming
 from kubeprism.forward.connection import (
     CloseReason,
     Connection,
@@ -112,6 +113,7 @@ class Proxy:
         self._by_endpoint: dict[HostPort, set[Connection]] = {}
         self._dialing: set[Dial] = set()
         self._dial_options = _dial_options(settings)
+        self._arming = Arming(loop, lambda: self._dial_options)
         self._local_trouble = False
         self._internal_trouble = False
         self._sweep_timer: asyncio.TimerHandle | None = None
@@ -277,6 +279,8 @@ class Proxy:
         self.stats.forwarded += frozen is None
         self.pool.opened(address)
         self._by_endpoint.setdefault(address, set()).add(conn)
+        if frozen is None:  # an adopted socket kept its options
+            self._arming.add(conn)
         try:
             conn.start(frozen)
         except Exception:
@@ -396,6 +400,7 @@ class Proxy:
         self._check_drained()
         self.pumps.pipes.close()
         self.reactor.close()
+        self._arming.close()
         return left
 
 
