@@ -114,7 +114,7 @@ class Side:
         self.calls: list[str] = []
         self.failed: list[int] = []
 
-    def on_readable(self) -> None:
+    def on_readable(self, _events: int) -> None:
         self.calls.append("readable")
 
     def on_writable(self) -> None:

@@ -109,7 +109,7 @@ class Connection:
         if frozen is None:
             # The client usually spoke while we dialed (a TLS ClientHello, a request):
             # read it now instead of after one more poll. Nothing there costs one EAGAIN.
-            a.on_readable()
+            a.on_readable(0)
 
     def freeze(self) -> Frozen:
         """Stop both directions without closing anything (a handover)."""
@@ -132,7 +132,8 @@ class Connection:
         # A reset or write error ends the whole connection; a FIN ends one direction.
         if exc is not None and pump is self.pumps[1] and exc.errno in _UPSTREAM_TROUBLE:
             self._sign(self.address, f"forwarded connection failed: {exc.strerror}")
-        if exc is not None or all(p.done for p in self.pumps):
+        up, down = self.pumps
+        if exc is not None or (up.done and down.done):
             self.close()
 
     def close(self, reset_upstream: bool = False) -> None:

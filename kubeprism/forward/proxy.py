@@ -111,6 +111,7 @@ class Proxy:
         )
         self._acceptor = Acceptor(loop, self.reactor, self._admit, self._accept_failed)
         self._by_endpoint: dict[HostPort, set[Connection]] = {}
+        self._forwarding = 0  # connections in _by_endpoint (counted: asked per accept)
         self._dialing: set[Dial] = set()
         self._dial_options = _dial_options(settings)
         self._arming = Arming(loop, lambda: self._dial_options)
@@ -125,7 +126,7 @@ class Proxy:
     @property
     def active(self) -> int:
         """Client connections being dialed or forwarded."""
-        return len(self._dialing) + sum(map(len, self._by_endpoint.values()))
+        return len(self._dialing) + self._forwarding
 
     @property
     def mode(self) -> Mode:
@@ -279,6 +280,7 @@ class Proxy:
         self.stats.forwarded += frozen is None
         self.pool.opened(address)
         self._by_endpoint.setdefault(address, set()).add(conn)
+        self._forwarding += 1
         if frozen is None:  # an adopted socket kept its options
             self._arming.add(conn)
         try:
@@ -290,8 +292,9 @@ class Proxy:
     def _forget(self, conn: Connection) -> None:
         """Called once by Connection.close()."""
         conns = self._by_endpoint.get(conn.address)
-        if conns is not None:
-            conns.discard(conn)
+        if conns is not None and conn in conns:
+            conns.remove(conn)
+            self._forwarding -= 1
             if not conns:
                 del self._by_endpoint[conn.address]
         self.pool.closed(conn.address)

@@ -31,6 +31,11 @@ IN = select.EPOLLIN
 OUT = select.EPOLLOUT
 ERR = select.EPOLLERR
 HUP = select.EPOLLHUP
+RDHUP = select.EPOLLRDHUP
+# What a reading side waits for: bytes, and whether the peer's FIN already came with them.
+READ = IN | RDHUP
+# Events that say the socket has an end to read (a FIN, a hang-up, an error).
+CLOSING = RDHUP | HUP | ERR
 # Events per poll: bounds one wakeup's work; the rest are reported at the next poll.
 MAX_EVENTS = 256
 
@@ -156,7 +161,7 @@ class Side(Protocol):
 
     done: bool
 
-    def on_readable(self) -> None: ...
+    def on_readable(self, events: int) -> None: ...
 
     def on_writable(self) -> None: ...
 
@@ -184,7 +189,7 @@ class Port:
             self.reactor.watch(self.fd, self.mask, self.on_events)
 
     def want(self, bit: int, on: bool) -> None:
-        """Wait for ``bit`` (IN or OUT) or stop waiting for it."""
+        """Wait for ``bit`` (READ or OUT) or stop waiting for it."""
         mask = self.mask | bit if on else self.mask & ~bit
         if mask != self.mask:
             self.mask = mask
@@ -209,12 +214,10 @@ class Port:
     def on_events(self, events: int) -> None:
         """Dispatch one poll's events to the side waiting for them."""
         mask = self.mask
-        if mask & IN and events & (IN | ERR | HUP):
-            assert self.reader is not None
-            self.reader.on_readable()
+        if mask & IN and events & (IN | CLOSING):
+            self.reader.on_readable(events)  # type: ignore[union-attr]  # IN: a reader
         if self.mask & OUT and events & (OUT | ERR | HUP):
-            assert self.writer is not None
-            self.writer.on_writable()
+            self.writer.on_writable()  # type: ignore[union-attr]  # OUT: a writer
         if not mask & (IN | OUT):
             self._unwanted(events)
 

@@ -20,7 +20,7 @@ from typing import Literal
 
 from kubeprism.base.net import SPLICE_UNSUPPORTED_ERRNOS, is_fd_bug
 from kubeprism.forward.pipes import Pipe, PipePool, close_pipe
-from kubeprism.forward.reactor import IN, OUT, Port, Reactor
+from kubeprism.forward.reactor import CLOSING, OUT, READ, Port, Reactor
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,9 @@ DoneCallback = Callable[["Pump", "OSError | None"], None]
 def splice_supported() -> bool:
     """True where os.splice exists (Linux, Python >= 3.10)."""
     return hasattr(os, "splice")
+
+
+_SPLICE = splice_supported()
 
 
 class ByteCounter:
@@ -103,7 +106,7 @@ class Pump:
         src.reader, dst.writer = self, self
         self.src, self.dst = src.sock, dst.sock
         self.src_fd, self.dst_fd = src.fd, dst.fd
-        self.mode: Mode = ctx.mode if splice_supported() else "copy"
+        self.mode: Mode = ctx.mode if _SPLICE else "copy"
         self._pipes = ctx.pipes
         self._scratch = ctx.scratch
         self.counter = counter
@@ -126,8 +129,10 @@ class Pump:
     def stop(self) -> None:
         """Stop forwarding at once (the connection is being closed)."""
         self.done = True
-        self._want_read(False)
-        self._want_write(False)
+        if self.src_port.joined:  # a closing connection's ports left already: no call
+            self.src_port.want(READ, False)
+        if self.dst_port.joined:
+            self.dst_port.want(OUT, False)
         pipe, self._pipe = self._pipe, None
         if pipe is not None:
             # A pipe that still holds bytes must not go back to the pool.
@@ -181,18 +186,21 @@ class Pump:
     # ------------------------------------------------------------ readiness
 
     def _want_read(self, on: bool) -> None:
-        self.src_port.want(IN, on)
+        self.src_port.want(READ, on)
 
     def _want_write(self, on: bool) -> None:
         self.dst_port.want(OUT, on)
 
-    def on_readable(self) -> None:
+    def on_readable(self, events: int) -> None:
         """src has bytes, a FIN or an error: move what there is, up to a bound."""
-        # Level-triggered: whatever is left after READS_PER_WAKEUP reads, or arrives with
-        # or after a short read (more bytes, a FIN, a reset), is reported again.
+        # Level-triggered: whatever is left after READS_PER_WAKEUP reads, or arrives after
+        # a short read, is reported again. A FIN, hang-up or error that epoll reported
+        # with the data (EPOLLRDHUP: no syscall to learn it) is read in this wakeup: a
+        # response and its close then cost one wakeup, not two.
+        drain = bool(events & CLOSING)
         try:
             for _ in range(READS_PER_WAKEUP):
-                if not (self._splice_in() if self._splicing else self._copy_in()):
+                if not (self._splice_in() if self._splicing else self._copy_in(drain)):
                     return
         except OSError as exc:
             self._finish(exc)
@@ -287,8 +295,9 @@ class Pump:
 
     # ------------------------------------------------------------ copy path
 
-    def _copy_in(self) -> bool:
-        """One recv from src; True if src may have more to read right now."""
+    def _copy_in(self, drain: bool = False) -> bool:
+        """One recv from src; True if src may have more to read right now (``drain``:
+        a FIN or an error is known to follow the data)."""
         try:
             n = self.src.recv_into(self._scratch)
         except BlockingIOError:
@@ -303,7 +312,8 @@ class Pump:
             sent = self.dst.send(view)
         except BlockingIOError:
             sent = 0
-        self._count(sent)
+        self.moved += sent
+        self.counter.value += sent
         if sent < n:
             # The scratch buffer is shared: keep only the unsent tail, privately.
             self._backlog = bytes(view[sent:])
@@ -313,7 +323,7 @@ class Pump:
         # A short read took all there was: no recv() for EAGAIN (a syscall and an
         # exception, ~7 % of a small request's cost). What comes next, a FIN or a reset
         # included, the level-triggered reactor reports.
-        return n == len(self._scratch)
+        return drain or n == len(self._scratch)
 
     def _copy_out(self) -> bool:
         """Send the backlog; True when it is all sent."""
