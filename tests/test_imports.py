@@ -21,6 +21,9 @@ YAML_FREE = [
     "forward.splice",
     "forward.connection",
     "forward.proxy",
+    "forward.reactor",
+    "forward.arming",
+    "forward.proxytypes",
 ]
 # What `kubeprism run` imports before the first byte is forwarded (or a handed-over
 # connection adopted). aiohttp costs ~0.3 s to import (its client parses the CA bundle),

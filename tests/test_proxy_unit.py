@@ -445,13 +445,18 @@ class FlakyListener:
     def setsockopt(self, level: int, option: int, value: int) -> None:
         self.sock.setsockopt(level, option, value)
 
-    def accept(self) -> tuple[socket.socket, Any]:
+    @property
+    def family(self) -> int:
+        return self.sock.family
+
+    def _accept(self) -> tuple[int, Any]:
+        """What the acceptor calls (socket.accept() without its wrapper)."""
         if self.failures:
             self.failures -= 1
             self.calls.append((time.monotonic(), "failed"))
             raise OSError(self.error, "simulated")
         try:
-            conn = self.sock.accept()
+            conn: tuple[int, Any] = self.sock._accept()  # type: ignore[attr-defined]
         except BlockingIOError:
             self.calls.append((time.monotonic(), "empty"))
             raise

@@ -19,7 +19,7 @@ from kubeprism.base.net import HostPort
 from kubeprism.base.sockets import DialOptions
 from kubeprism.core.endpoint import Endpoint
 from kubeprism.core.patience import CAP_FACTOR, Verdict
-from kubeprism.forward.dial import Dial
+from kubeprism.forward.dial import Dial, DialTimers
 from kubeprism.forward.reactor import Reactor
 from kubeprism.health.stall import StallMeter, bytes_waiting, judged_timeout
 
@@ -125,7 +125,8 @@ async def test_a_connect_the_kernel_finished_during_a_stall_is_no_dial_timeout()
         opts = DialOptions.of(0.1, 1, 1, 1, 2.0)
         reactor = Reactor(loop)
         candidates = [Endpoint(address, 0, frozenset())]
-        dial = Dial(loop, reactor, owner, opts, time.monotonic, client, candidates)
+        timers = DialTimers(loop, time.monotonic)
+        dial = Dial(timers, reactor, owner, opts, time.monotonic, client, candidates)
         dial.start()
         # The loop stalls past the dial timeout (on purpose); the kernel connects meanwhile.
         time.sleep(0.3)  # noqa: ASYNC251
@@ -134,4 +135,5 @@ async def test_a_connect_the_kernel_finished_during_a_stall_is_no_dial_timeout()
             reactor.forget(sock.fileno())
             sock.close()
         reactor.close()
+        timers.close()
     assert owner.events == [("succeeded", address)]

@@ -93,9 +93,13 @@ class Acceptor:
         self._reactor.watch(lsock.fileno(), IN, lambda _events: self._on_accept(lsock))
 
     def _on_accept(self, lsock: socket.socket) -> None:
+        family = lsock.family
         for _ in range(ACCEPT_BATCH):
             try:
-                client, _peer = lsock.accept()
+                # socket.accept() without its wrapper: it converts family and type to
+                # enums and asks for timeouts, five Python calls per connection.
+                fd, _peer = lsock._accept()  # type: ignore[attr-defined]
+                client = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             except BlockingIOError:
                 return
             except OSError as exc:

@@ -12,10 +12,8 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 from kubeprism.base.net import LOCAL_ERRNOS, HostPort
-from kubeprism.base.sockets import DialOptions
 from kubeprism.core.endpoint import Evidence, Health, Transition
 from kubeprism.core.upstream import Pool
 from kubeprism.forward.arming import Arming
@@ -26,11 +24,14 @@ from kubeprism.forward.connection import (
     Frozen,
     set_linger_rst,
 )
-from kubeprism.forward.dial import Dial
+from kubeprism.forward.dial import Dial, DialTimers
 from kubeprism.forward.listeners import Acceptor
 from kubeprism.forward.pipes import PipePool
 from kubeprism.forward.reactor import Reactor
-from kubeprism.forward.splice import ByteCounter, Mode, PumpContext
+from kubeprism.forward.proxytypes import ProxySettings, ProxyStats, dial_options
+from kubeprism.forward.splice import Mode, PumpContext
+
+__all__ = ["DialObserver", "Proxy", "ProxySettings", "ProxyStats"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,40 +42,6 @@ SLOW_DIAL_SHARE = 0.5
 # After an unexpected error in the data path, further ones are only counted for this
 # long: a traceback per connection would flood the journal.
 INTERNAL_ERROR_QUIET = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class ProxySettings:
-    """The slice of the config the proxy needs."""
-
-    dial_timeout: float
-    mode: Mode
-    keepalive_idle: float
-    keepalive_interval: float
-    keepalive_count: int
-    user_timeout: float
-    max_connections: int
-    idle_timeout: float
-    close_on_unhealthy: bool
-
-
-@dataclass
-class ProxyStats:
-    """Plain counters, read by the metrics collector at scrape time."""
-
-    accepted: int = 0
-    forwarded: int = 0
-    no_upstream: int = 0
-    rejected: int = 0
-    accept_errors: int = 0
-    closed: dict[CloseReason, int] = field(default_factory=lambda: dict.fromkeys(CloseReason, 0))
-    dial_failures: int = 0
-    dials_overtaken: int = 0
-    local_dial_errors: int = 0
-    adopted: int = 0  # connections taken over from the previous process
-    internal_errors: int = 0
-    upstream_bytes: ByteCounter = field(default_factory=ByteCounter)  # client -> upstream
-    client_bytes: ByteCounter = field(default_factory=ByteCounter)  # upstream -> client
 
 
 DialObserver = Callable[[HostPort, float, bool], None]
@@ -113,7 +80,8 @@ class Proxy:
         self._by_endpoint: dict[HostPort, set[Connection]] = {}
         self._forwarding = 0  # connections in _by_endpoint (counted: asked per accept)
         self._dialing: set[Dial] = set()
-        self._dial_options = _dial_options(settings)
+        self._dial_timers = DialTimers(loop, clock)
+        self._dial_options = dial_options(settings)
         self._arming = Arming(loop, lambda: self._dial_options)
         self._local_trouble = False
         self._internal_trouble = False
@@ -148,7 +116,7 @@ class Proxy:
         idleTimeout to every connection from now on."""
         self.settings = settings
         self.pumps.mode = settings.mode
-        self._dial_options = _dial_options(settings)
+        self._dial_options = dial_options(settings)
         self._schedule_sweep()
 
     def stop_accepting(self) -> None:
@@ -172,7 +140,13 @@ class Proxy:
             client.setblocking(False)
             candidates = self.pool.candidates()
             dial = Dial(
-                self.loop, self.reactor, self, self._dial_options, self._clock, client, candidates
+                self._dial_timers,
+                self.reactor,
+                self,
+                self._dial_options,
+                self._clock,
+                client,
+                candidates,
             )
             self._dialing.add(dial)
             dial.start()
@@ -404,10 +378,5 @@ class Proxy:
         self.pumps.pipes.close()
         self.reactor.close()
         self._arming.close()
+        self._dial_timers.close()
         return left
-
-
-def _dial_options(s: ProxySettings) -> DialOptions:
-    return DialOptions.of(
-        s.dial_timeout, s.keepalive_idle, s.keepalive_interval, s.keepalive_count, s.user_timeout
-    )
