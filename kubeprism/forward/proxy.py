@@ -27,8 +27,8 @@ from kubeprism.forward.connection import (
 from kubeprism.forward.dial import Dial, DialTimers
 from kubeprism.forward.listeners import Acceptor
 from kubeprism.forward.pipes import PipePool
-from kubeprism.forward.reactor import Reactor
 from kubeprism.forward.proxytypes import ProxySettings, ProxyStats, dial_options
+from kubeprism.forward.reactor import Reactor
 from kubeprism.forward.splice import Mode, PumpContext
 
 __all__ = ["DialObserver", "Proxy", "ProxySettings", "ProxyStats"]
