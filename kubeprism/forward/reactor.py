@@ -36,6 +36,10 @@ RDHUP = select.EPOLLRDHUP
 READ = IN | RDHUP
 # Events that say the socket has an end to read (a FIN, a hang-up, an error).
 CLOSING = RDHUP | HUP | ERR
+# What a reading side, and a writing side, is woken by (one global lookup each).
+_READABLE = IN | CLOSING
+_WRITABLE = OUT | ERR | HUP
+_WAITING = IN | OUT
 # Events per poll: bounds one wakeup's work; the rest are reported at the next poll.
 MAX_EVENTS = 256
 
@@ -122,7 +126,8 @@ class Reactor:
         assert self._ep is not None  # polled only while open
         self.polls += 1
         handlers, closing = self._handlers, self._closing
-        closing.clear()
+        if closing:  # closed outside a poll (a timer, a health verdict): nothing read yet
+            closing.clear()
         for fd, events in self._ep.poll(0, MAX_EVENTS):
             if fd in closing:
                 continue
@@ -139,7 +144,8 @@ class Reactor:
                 # the fd is dropped from the set and its owner is told.
                 self.unregister(fd)
                 self._on_error(fd, exc)
-        closing.clear()
+        if closing:
+            closing.clear()
 
     def close(self) -> None:
         """Stop polling and close the set (every socket must be closed or given away); a
@@ -214,11 +220,11 @@ class Port:
     def on_events(self, events: int) -> None:
         """Dispatch one poll's events to the side waiting for them."""
         mask = self.mask
-        if mask & IN and events & (IN | CLOSING):
+        if mask & IN and events & _READABLE:
             self.reader.on_readable(events)  # type: ignore[union-attr]  # IN: a reader
-        if self.mask & OUT and events & (OUT | ERR | HUP):
+        if self.mask & OUT and events & _WRITABLE:
             self.writer.on_writable()  # type: ignore[union-attr]  # OUT: a writer
-        if not mask & (IN | OUT):
+        if not mask & _WAITING:
             self._unwanted(events)
 
     def _unwanted(self, events: int) -> None:

@@ -64,8 +64,13 @@ class PumpContext:
     pipes: PipePool = field(default_factory=PipePool)
     # Copy-mode read buffer: one is enough, the loop runs one pump at a time.
     scratch: bytearray = field(default_factory=lambda: bytearray(SCRATCH_SIZE))
+    # A view of it made once: slicing a view is one allocation, viewing and slicing two.
+    view: memoryview = field(init=False)
     # Pumps that fell back from splice to copying (read at scrape time).
     fallbacks: int = 0
+
+    def __post_init__(self) -> None:
+        self.view = memoryview(self.scratch)
 
 
 class Pump:
@@ -108,7 +113,7 @@ class Pump:
         self.src_fd, self.dst_fd = src.fd, dst.fd
         self.mode: Mode = ctx.mode if _SPLICE else "copy"
         self._pipes = ctx.pipes
-        self._scratch = ctx.scratch
+        self._scratch = ctx.view
         self.counter = counter
         self._on_done = on_done
         self._pipe: Pipe | None = None
@@ -197,10 +202,17 @@ class Pump:
         # a short read, is reported again. A FIN, hang-up or error that epoll reported
         # with the data (EPOLLRDHUP: no syscall to learn it) is read in this wakeup: a
         # response and its close then cost one wakeup, not two.
-        drain = bool(events & CLOSING)
+        drain = events & CLOSING
         try:
-            for _ in range(READS_PER_WAKEUP):
-                if not (self._splice_in() if self._splicing else self._copy_in(drain)):
+            if self._splicing:
+                for _ in range(READS_PER_WAKEUP):
+                    if not self._splice_in():
+                        return
+                return
+            if not self._copy_in(drain):  # the common case: one read took all there was
+                return
+            for _ in range(READS_PER_WAKEUP - 1):
+                if not self._copy_in(drain):
                     return
         except OSError as exc:
             self._finish(exc)
@@ -295,7 +307,7 @@ class Pump:
 
     # ------------------------------------------------------------ copy path
 
-    def _copy_in(self, drain: bool = False) -> bool:
+    def _copy_in(self, drain: int = 0) -> bool:
         """One recv from src; True if src may have more to read right now (``drain``:
         a FIN or an error is known to follow the data)."""
         try:
@@ -307,7 +319,7 @@ class Pump:
             return False
         if n >= SPLICE_AFTER and self.mode == "splice":
             self._splicing = True
-        view = memoryview(self._scratch)[:n]
+        view = self._scratch[:n]
         try:
             sent = self.dst.send(view)
         except BlockingIOError:
@@ -323,7 +335,7 @@ class Pump:
         # A short read took all there was: no recv() for EAGAIN (a syscall and an
         # exception, ~7 % of a small request's cost). What comes next, a FIN or a reset
         # included, the level-triggered reactor reports.
-        return drain or n == len(self._scratch)
+        return bool(drain) or n == len(self._scratch)
 
     def _copy_out(self) -> bool:
         """Send the backlog; True when it is all sent."""
