@@ -204,15 +204,11 @@ class Pump:
         # response and its close then cost one wakeup, not two.
         drain = events & CLOSING
         try:
-            if self._splicing:
-                for _ in range(READS_PER_WAKEUP):
-                    if not self._splice_in():
-                        return
+            # The common case first, without the loop: one read that took all there was.
+            if not self._splicing and not self._copy_in(drain):
                 return
-            if not self._copy_in(drain):  # the common case: one read took all there was
-                return
-            for _ in range(READS_PER_WAKEUP - 1):
-                if not self._copy_in(drain):
+            for _ in range(READS_PER_WAKEUP):
+                if not (self._splice_in() if self._splicing else self._copy_in(drain)):
                     return
         except OSError as exc:
             self._finish(exc)
