@@ -48,6 +48,11 @@ if TYPE_CHECKING:
     from aiohttp import web
 
 logger = logging.getLogger(__name__)
+# Young-generation GC passes: a proxied connection allocates ~40 tracked objects and frees
+# them by reference counting (its cycles are broken on close), so the default pass every
+# 700 allocations only walks garbage-free survivors. Every 20,000 (a few MB at most) cut
+# the user-space instructions per connection by 2.4 % (callgrind, churn).
+GC_THRESHOLDS = (20_000, 20, 20)
 
 # How long start-up waits for every endpoint's first probe before calling itself ready
 # (and telling systemd READY=1): long enough for a slow TLS handshake, short enough
@@ -161,6 +166,7 @@ class Daemon:
         # Everything built so far lives as long as the process: keep it out of GC passes,
         # which then only walk what connections allocate.
         gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
         interval = systemd.watchdog_interval()
         if interval:
             self._watchdog_task = asyncio.create_task(self._watchdog(interval), name="watchdog")
