@@ -1,0 +1,202 @@
+"""User-space instructions per proxied connection and per kept-alive request (callgrind).
+
+Usage (from the repository root):
+  ./bench/run instructions [--compare REV] [--connections 1000] [--requests 4000]
+
+Timings on a shared 2-core VM move 10-20 % between runs, which hides the few per cent a
+change to the Python path is worth. callgrind counts the instructions kubeprism executes in
+user space (the interpreter, uvloop, libc; not the kernel), the same count for the same
+code and inputs however busy the machine is: the figure to compare two revisions of the
+per-connection path by. The kernel's share is what bench/percon.py's syscall counts show.
+
+kubeprism runs under `valgrind --tool=callgrind` with instrumentation off, in front of
+bench/'s nginx upstream; after a warm-up, counting is switched on for N sequential
+`Connection: close` requests (churn: accept, dial, forward, close) and then for M requests
+on one kept-alive connection, one at a time. Sequential means no batching: every event
+costs a full wakeup, the worst case per event. Health checks run on their own schedule
+and land in the window too; they are a few hundred instructions per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import backends
+import procs
+import targets
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+CLOSE_REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+# Requests before counting starts: imports, caches and the first dial are not the steady state.
+WARMUP = 100
+# Seconds for kubeprism to start under valgrind (~50x slower than without).
+START_DEADLINE = 120.0
+# Seconds any one request may take under valgrind.
+REQUEST_TIMEOUT = 10.0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--compare", metavar="REV", help="also count kubeprism as of git revision REV")
+    p.add_argument("--connections", type=int, default=1000, help="churn: connections counted")
+    p.add_argument("--requests", type=int, default=4000, help="keep-alive: requests counted")
+    return p.parse_args(argv)
+
+
+def close_request(port: int) -> None:
+    """One `Connection: close` request on a new connection, read to EOF."""
+    with socket.create_connection(("127.0.0.1", port), timeout=REQUEST_TIMEOUT) as sock:
+        sock.sendall(CLOSE_REQUEST)
+        while sock.recv(65536):
+            pass
+
+
+def kept_alive_request(sock: socket.socket) -> None:
+    """One request on a kept-alive connection, read to the end of its body."""
+    sock.sendall(REQUEST)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += _recv(sock)
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += _recv(sock)
+
+
+def _recv(sock: socket.socket) -> bytes:
+    chunk = sock.recv(65536)
+    if not chunk:
+        raise procs.BenchError("the proxy closed a kept-alive connection")
+    return chunk
+
+
+@contextlib.contextmanager
+def under_callgrind(source: Path | None, upstream: int, work: Path) -> Iterator[Counter]:
+    """kubeprism (from ``source``, else the installed package) under callgrind."""
+    port, admin = procs.free_port(), procs.free_port()
+    cfg = work / f"kubeprism-{port}.yaml"
+    cfg.write_text(targets.kubeprism_config(port, upstream, admin, "splice"))
+    out = work / f"callgrind-{port}.out"
+    env = dict(os.environ, PYTHONPATH=str(source)) if source else None
+    argv = [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        f"--callgrind-out-file={out}",
+        *(sys.executable, "-m", "kubeprism", "--log-level", "warning", "run"),
+        *("--config", str(cfg)),
+    ]
+    proc = subprocess.Popen(argv, env=env, cwd=source or None, stderr=subprocess.DEVNULL)
+    try:
+        procs.wait_until(lambda: backends.listening(port), START_DEADLINE, "kubeprism to listen")
+        yield Counter(proc.pid, port, out)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(START_DEADLINE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Counter:
+    """Switches callgrind's counting on and off and reads what it counted."""
+
+    def __init__(self, pid: int, port: int, out: Path) -> None:
+        self.pid, self.port, self.out = pid, port, out
+
+    def count(self, work: Callable[[], None]) -> int:
+        """Instructions kubeprism executed while ``work`` ran."""
+        before = self._total()
+        self._instrument("on")
+        try:
+            work()
+        finally:
+            self._instrument("off")
+        return self._total() - before
+
+    def _instrument(self, state: str) -> None:
+        subprocess.run(
+            ["callgrind_control", "-i", state, str(self.pid)],
+            capture_output=True,
+            check=True,
+            timeout=60,
+        )
+
+    def _total(self) -> int:
+        """Instructions counted so far (a dump of the live process, summed over threads)."""
+        subprocess.run(
+            ["callgrind_control", "-d", str(self.pid)], capture_output=True, check=True, timeout=60
+        )
+        total = 0
+        for dump in self.out.parent.glob(self.out.name + "*"):
+            for line in dump.read_text(errors="replace").splitlines():
+                if line.startswith("summary:"):
+                    total += int(line.split()[1])
+        return total
+
+
+def measure(
+    source: Path | None, args: argparse.Namespace, upstream: int, work: Path
+) -> dict[str, float]:
+    """Instructions per churned connection and per kept-alive request."""
+    with under_callgrind(source, upstream, work) as counter:
+        for _ in range(WARMUP):
+            close_request(counter.port)
+
+        def churn() -> None:
+            for _ in range(args.connections):
+                close_request(counter.port)
+
+        per_connection = counter.count(churn) / args.connections
+        with socket.create_connection(("127.0.0.1", counter.port), timeout=REQUEST_TIMEOUT) as sock:
+            for _ in range(WARMUP):
+                kept_alive_request(sock)
+
+            def keepalive() -> None:
+                for _ in range(args.requests):
+                    kept_alive_request(sock)
+
+            per_request = counter.count(keepalive) / args.requests
+    return {"churn": per_connection, "keepalive": per_request}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="kubeprism-instr-") as tmp:
+        work = Path(tmp)
+        sources: dict[str, Path | None] = {"working tree": None}
+        if args.compare:
+            old = targets.at_revision(args.compare, work / "rev")
+            sources[old.name.split("@", 1)[1]] = old.source
+        with backends.http(work) as upstream:
+            results = {name: measure(src, args, upstream, work) for name, src in sources.items()}
+    names = list(results)
+    print("| user-space instructions (callgrind) | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for key, what in (
+        ("churn", "per connection (`Connection: close`)"),
+        ("keepalive", "per kept-alive request"),
+    ):
+        cells = [f"{results[n][key]:,.0f}" for n in names]
+        if len(names) == 2:
+            cells[0] += f" ({results[names[0]][key] / results[names[1]][key]:.2f}x)"
+        print(f"| {what} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
