@@ -17,20 +17,12 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Callable
-from typing import Protocol
 
 from kubeprism.base.sockets import DialOptions, set_liveness
 
 # Seconds a connection lives before it is armed (at most twice that): shorter than any
 # keepaliveIdle (>= 1 s) and than the checks' interval, longer than a short request.
 ARM_AFTER = 0.5
-
-
-class Armable(Protocol):
-    """A forwarded connection, as far as arming needs it."""
-
-    closed: bool
-    upstream: socket.socket
 
 
 class Arming:
@@ -42,24 +34,27 @@ class Arming:
     def __init__(self, loop: asyncio.AbstractEventLoop, options: Callable[[], DialOptions]) -> None:
         self._loop = loop
         self._options = options  # read at arming time: a reload's values apply
-        self._young: list[Armable] = []  # started since the last tick
-        self._old: list[Armable] = []  # started before it: armed at the next tick
+        # Upstream sockets, not connections: a closed connection's objects are freed at
+        # once instead of living on here for up to a second (10,000 churned connections
+        # held 3 MiB of RSS that way).
+        self._young: list[socket.socket] = []  # started since the last tick
+        self._old: list[socket.socket] = []  # started before it: armed at the next tick
         self._timer: asyncio.TimerHandle | None = None
         self.armed = 0
 
-    def add(self, conn: Armable) -> None:
-        """A connection just started forwarding."""
-        self._young.append(conn)
+    def add(self, upstream: socket.socket) -> None:
+        """A connection just started forwarding to ``upstream``."""
+        self._young.append(upstream)
         if self._timer is None:
             self._timer = self._loop.call_later(ARM_AFTER, self._tick)
 
     def _tick(self) -> None:
         self._timer = None
         opts = self._options()
-        for conn in self._old:
-            if not conn.closed:
+        for sock in self._old:
+            if sock.fileno() >= 0:  # not closed (nor handed over) since
                 with contextlib.suppress(OSError):  # reset meanwhile: the pumps see it
-                    set_liveness(conn.upstream, opts)
+                    set_liveness(sock, opts)
                     self.armed += 1
         self._old, self._young = self._young, []
         if self._old:

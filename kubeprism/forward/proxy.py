@@ -256,7 +256,7 @@ class Proxy:
         self._by_endpoint.setdefault(address, set()).add(conn)
         self._forwarding += 1
         if frozen is None:  # an adopted socket kept its options
-            self._arming.add(conn)
+            self._arming.add(upstream)
         try:
             conn.start(frozen)
         except Exception:
