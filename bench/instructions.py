@@ -160,7 +160,7 @@ def churn(source: Path | None, args: argparse.Namespace, upstream: int, work: Pa
                 close_request(counter.port)
 
         counter.count(connections)
-    return counter.total() / args.connections
+    return counter.total() / int(args.connections)
 
 
 def keepalive(source: Path | None, args: argparse.Namespace, upstream: int, work: Path) -> float:
@@ -177,7 +177,7 @@ def keepalive(source: Path | None, args: argparse.Namespace, upstream: int, work
                 kept_alive_request(sock)
 
         counter.count(requests)
-    return counter.total() / args.requests
+    return counter.total() / int(args.requests)
 
 
 def measure(
