@@ -738,6 +738,15 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    """What both measuring commands take: repetitions, output, the wait for a quiet CPU."""
+    parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--out", default="/tmp/kubeprism-priority")
+    parser.add_argument(
+        "--quiet-wait", type=float, default=600.0, help="wait this long at most for an idle CPU"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: overload | systemd | probe."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -746,11 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     over.add_argument("--nice", type=_ints, default=[0, -10], help="daemon nice values")
     over.add_argument("--procs", type=_ints, default=[200], help="busy process counts")
     over.add_argument("--seconds", type=float, default=20.0, help="length of the overload")
-    over.add_argument("--reps", type=int, default=1)
-    over.add_argument("--out", default="/tmp/kubeprism-priority")
-    over.add_argument(
-        "--quiet-wait", type=float, default=600.0, help="wait this long at most for an idle CPU"
-    )
+    _run_options(over)
     sysd = sub.add_parser("systemd", help="drop-ins under systemd 252 in a container")
     sysd.add_argument(
         "--modes",
@@ -776,11 +781,7 @@ def main(argv: list[str] | None = None) -> int:
     sysd.add_argument("--seconds", type=float, default=20.0, help="measured window")
     sysd.add_argument("--ramp", type=float, default=2.0, help="hogs spin this long first")
     sysd.add_argument("--interval", type=float, default=0.2, help="between probe requests")
-    sysd.add_argument("--reps", type=int, default=1)
-    sysd.add_argument("--out", default="/tmp/kubeprism-priority")
-    sysd.add_argument(
-        "--quiet-wait", type=float, default=600.0, help="wait this long at most for an idle CPU"
-    )
+    _run_options(sysd)
     probe = sub.add_parser("probe", help="(inside the container) the request stream")
     probe.add_argument("--seconds", type=float, required=True)
     probe.add_argument("--interval", type=float, default=0.2)

@@ -9,48 +9,6 @@ ones: ``from kubeprism.config import Config, ConfigError``.
 
 from __future__ import annotations
 
-from kubeprism.config.model import (
-    DEFAULT_ADMIN_LISTEN,
-    DEFAULT_CONFIG_PATH,
-    DEFAULT_LISTEN,
-    DEFAULT_PRIORITY,
-    AdminConfig,
-    Config,
-    ConfigError,
-    DiscoveryConfig,
-    HealthCheckConfig,
-    KeepaliveConfig,
-    KubernetesDiscoveryConfig,
-    UpstreamSpec,
-    config_from_dict,
-    config_to_dict,
-    file_named_by,
-    is_loopback,
-    load_config,
-    parse_duration,
-    parse_host_port,
-    yaml_error_text,
-)
-
-__all__ = [
-    "DEFAULT_ADMIN_LISTEN",
-    "DEFAULT_CONFIG_PATH",
-    "DEFAULT_LISTEN",
-    "DEFAULT_PRIORITY",
-    "AdminConfig",
-    "Config",
-    "ConfigError",
-    "DiscoveryConfig",
-    "HealthCheckConfig",
-    "KeepaliveConfig",
-    "KubernetesDiscoveryConfig",
-    "UpstreamSpec",
-    "config_from_dict",
-    "config_to_dict",
-    "file_named_by",
-    "is_loopback",
-    "load_config",
-    "parse_duration",
-    "parse_host_port",
-    "yaml_error_text",
-]
+# model.__all__ is the one list of public names; the package re-exports exactly it.
+from kubeprism.config.model import *  # noqa: F403
+from kubeprism.config.model import __all__ as __all__
