@@ -87,10 +87,10 @@ class Connection:
         self.idle_since = ctx.clock()
         reactor = ctx.pumps.reactor
         self.ports = (Port(reactor, client), Port(reactor, upstream))
-        down, up = self.ports
+        client_port, upstream_port = self.ports
         self.pumps = (
-            Pump(ctx.pumps, down, up, ctx.to_upstream, self._done),
-            Pump(ctx.pumps, up, down, ctx.to_client, self._done),
+            Pump(ctx.pumps, client_port, upstream_port, ctx.to_upstream, self._done),
+            Pump(ctx.pumps, upstream_port, client_port, ctx.to_client, self._done),
         )
 
     @property
@@ -132,8 +132,8 @@ class Connection:
         # A reset or write error ends the whole connection; a FIN ends one direction.
         if exc is not None and pump is self.pumps[1] and exc.errno in _UPSTREAM_TROUBLE:
             self._sign(self.address, f"forwarded connection failed: {exc.strerror}")
-        up, down = self.pumps
-        if exc is not None or (up.done and down.done):
+        to_upstream, to_client = self.pumps
+        if exc is not None or (to_upstream.done and to_client.done):
             self.close()
 
     def close(self, reset_upstream: bool = False) -> None:

@@ -101,9 +101,8 @@ class Reactor:
 
     def unregister(self, fd: int) -> None:
         """Take ``fd`` out of the set now (its file lives on: a handover, a paused socket)."""
-        if self._masks.pop(fd, None) is not None and self._ep is not None:
-            with contextlib.suppress(OSError):  # closed under us: gone from the set already
-                self._ep.unregister(fd)
+        with contextlib.suppress(OSError):  # closed under us: gone from the set already
+            self.park(fd)
         self._handlers.pop(fd, None)
         self._closing.add(fd)
 
@@ -233,10 +232,9 @@ class Port:
         the next byte); a hang-up is parked until a side waits again."""
         if events & ERR:
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            side = self.reader if self.reader is not None and not self.reader.done else None
-            side = side or self.writer
-            if err and side is not None and not side.done:
-                side.fail(OSError(err, os.strerror(err)))
+            live = [side for side in (self.reader, self.writer) if side and not side.done]
+            if err and live:
+                live[0].fail(OSError(err, os.strerror(err)))
                 return
         if self.fd >= 0:
             self.reactor.park(self.fd)
