@@ -10,7 +10,7 @@ from pathlib import Path
 import uvloop
 import yaml
 
-from kubeprism import __version__, prepare, readable
+from kubeprism import ENGINE, ENGINE_REASON, __version__, prepare, readable
 from kubeprism.base.logs import LOG_FORMATS, LOG_LEVELS, setup_logging
 from kubeprism.config import DEFAULT_CONFIG_PATH, ConfigError, config_to_dict
 from kubeprism.daemon import Daemon
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level, args.log_format)
     try:
         if args.command == "version":
-            print(f"kubeprism {__version__}")
+            print(f"kubeprism {__version__}, forwarding engine: {ENGINE} ({ENGINE_REASON})")
             return EXIT_OK
         if args.command == "check-config":
             return cmd_check_config(args)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kubeprism import prepare
+from kubeprism import ENGINE, ENGINE_REASON, prepare
 from kubeprism.base import systemd
 from kubeprism.base.logs import set_level
 from kubeprism.base.net import HostPort
@@ -155,6 +155,7 @@ class Daemon:
             await AdminSite(self._runner, self.admin_socket).start()
         self.membership.start()
         complete = await self.checker.first_pass(FIRST_PASS_TIMEOUT)
+        logger.info("forwarding engine: %s (%s)", ENGINE, ENGINE_REASON)
         logger.info(
             "ready in %.3fs: listening on %s, %s%s",
             time.monotonic() - started,

@@ -48,14 +48,17 @@ def tool(name: str, package: str) -> str:
     return found
 
 
-def run(*argv: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run a tool, capturing its output."""
+def run(
+    *argv: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a tool, capturing its output (``env``: added to this process's environment)."""
     return subprocess.run(
         [str(a) for a in argv],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
         cwd=cwd,
+        env=None if env is None else {**os.environ, **env},
         check=False,
     )
 
@@ -304,7 +307,9 @@ def test_image_build_steps_in_a_clean_venv(tmp_path: Path) -> None:
         copy(REPO / name, src / name)
     wheels = tmp_path / "wheels"
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    result = run(*pip, "wheel", "--wheel-dir", wheels, src)
+    # As the Dockerfile builds it: with the compiled engine or not at all.
+    assert "KUBEPRISM_NATIVE=1 pip wheel" in (REPO / "Dockerfile").read_text()
+    result = run(*pip, "wheel", "--wheel-dir", wheels, src, env={"KUBEPRISM_NATIVE": "1"})
     assert result.returncode == 0, result.stderr
     (wheel,) = wheels.glob("kubeprism-*.whl")
     with zipfile.ZipFile(wheel) as archive:
@@ -327,6 +332,7 @@ def test_image_build_steps_in_a_clean_venv(tmp_path: Path) -> None:
     # The ENTRYPOINT, from a directory without the source tree on sys.path.
     version = run(venv / "bin" / "kubeprism", "version", cwd=tmp_path)
     assert version.returncode == 0 and version.stdout.startswith("kubeprism "), version.stderr
+    assert "forwarding engine: native" in version.stdout, version.stdout
     check = run(
         venv / "bin" / "kubeprism", "check-config", "--config", DEPLOY / "kubeprism.yaml",
         cwd=tmp_path,

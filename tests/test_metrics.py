@@ -67,7 +67,7 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "kubeprism_forwarding_mode": ("gauge", ("mode",)),
     "kubeprism_pipes_free": ("gauge", ()),
     "kubeprism_splice_fallbacks": ("counter", ()),
-    "kubeprism_build_info": ("gauge", ("version", "python")),
+    "kubeprism_build_info": ("gauge", ("version", "python", "engine")),
 }
 # The values each enumerated label may take (endpoint, version, sources... are free-form).
 LABEL_VALUES: dict[tuple[str, str], set[str]] = {

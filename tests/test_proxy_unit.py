@@ -566,13 +566,12 @@ async def test_an_unexpected_error_while_admitting_closes_the_client(
     """A bug anywhere between accept and dial: the client is closed, the slot given back,
     one traceback logged for the episode, the rest counted."""
 
-    class BrokenPool(Pool):
-        def candidates(self) -> Any:
-            raise RuntimeError("injected")
+    def broken_rand() -> float:  # the tie-break of choosing among two endpoints
+        raise RuntimeError("injected")
 
-    async with NamedEcho("A") as a:
-        pool = BrokenPool(healthy_threshold=1, unhealthy_threshold=2)
-        pool.reconcile(specs(a.address))
+    async with NamedEcho("A") as a, NamedEcho("B") as b:
+        pool = Pool(healthy_threshold=1, unhealthy_threshold=2, rand=broken_rand)
+        pool.reconcile(specs(a.address, b.address))
         async with serving(pool, max_connections=2) as rig:
             for _ in range(5):
                 client = await rig.connect(greet=False)

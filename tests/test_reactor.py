@@ -9,47 +9,20 @@ and a hang-up nobody waits for is parked instead of reported again and again.
 from __future__ import annotations
 
 import asyncio
-import select
 import socket
 import struct
 from typing import Any
 
 from test_proxy_unit import NamedEcho, healthy_pool, serving
-from util import eventually
+from util import count_epoll, eventually
 
 from kubeprism.forward.reactor import IN, OUT, Port, Reactor
-
-
-class CountingEpoll:
-    """A real epoll set that counts the epoll_ctl calls made on it."""
-
-    def __init__(self, real: select.epoll) -> None:
-        self.real = real
-        self.ctl: list[str] = []
-
-    def register(self, fd: int, mask: int) -> None:
-        self.ctl.append("add")
-        self.real.register(fd, mask)
-
-    def modify(self, fd: int, mask: int) -> None:
-        self.ctl.append("mod")
-        self.real.modify(fd, mask)
-
-    def unregister(self, fd: int) -> None:
-        self.ctl.append("del")
-        self.real.unregister(fd)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.real, name)
 
 
 async def test_a_proxied_connection_costs_at_most_four_epoll_ctl() -> None:
     """uvloop's add_reader/add_writer cost 18 per connection; haproxy pays ~4."""
     async with NamedEcho("A") as a, serving(healthy_pool(a.address)) as rig:
-        real = rig.proxy.reactor._ep
-        assert real is not None  # opened when the listener was registered
-        counting = CountingEpoll(real)
-        rig.proxy.reactor._ep = counting  # type: ignore[assignment]
+        counting = count_epoll(rig.proxy.reactor)  # opened when the listener was registered
         rounds = 20
         for _ in range(rounds):
             client = await rig.connect()

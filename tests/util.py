@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -219,3 +220,53 @@ def tcp_pair(rcvbuf: int | None = None) -> tuple[socket.socket, socket.socket]:
     for sock in (client, server):
         sock.setblocking(False)
     return client, server
+
+
+class CountingEpoll:
+    """A real epoll set that records the epoll_ctl calls made on it: (op, fd, mask).
+
+    Swapped in for a Reactor's set (``count_epoll``) rather than subclassing Reactor: the
+    compiled engine's classes cannot be subclassed from Python.
+    """
+
+    def __init__(self, real: select.epoll) -> None:
+        self.real = real
+        self.calls: list[tuple[str, int, int]] = []
+
+    @property
+    def ctl(self) -> list[str]:
+        """The operations alone, in order."""
+        return [op for op, _, _ in self.calls]
+
+    def register(self, fd: int, mask: int) -> None:
+        self.calls.append(("add", fd, mask))
+        self.real.register(fd, mask)
+
+    def modify(self, fd: int, mask: int) -> None:
+        self.calls.append(("mod", fd, mask))
+        self.real.modify(fd, mask)
+
+    def unregister(self, fd: int) -> None:
+        self.calls.append(("del", fd, 0))
+        self.real.unregister(fd)
+
+    def starts(self, bit: int) -> int:
+        """How often some fd began waiting for ``bit`` (not waiting for it just before)."""
+        masks: dict[int, int] = {}
+        count = 0
+        for _op, fd, mask in self.calls:
+            count += bool(mask & bit and not masks.get(fd, 0) & bit)
+            masks[fd] = mask
+        return count
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def count_epoll(reactor: Any) -> CountingEpoll:
+    """Count the epoll_ctl calls a forwarding Reactor makes from now on (its set is open)."""
+    real = reactor._ep
+    assert real is not None, "the reactor opens its set with the first registration"
+    counting = CountingEpoll(real)
+    reactor._ep = counting
+    return counting

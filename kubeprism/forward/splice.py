@@ -15,7 +15,6 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Literal
 
 from kubeprism.base.net import SPLICE_UNSUPPORTED_ERRNOS, is_fd_bug
@@ -55,22 +54,21 @@ class ByteCounter:
         self.value = 0
 
 
-@dataclass(slots=True)
 class PumpContext:
     """What every pump of one proxy shares; a reload may change the mode for new pumps."""
 
-    reactor: Reactor
-    mode: Mode
-    pipes: PipePool = field(default_factory=PipePool)
-    # Copy-mode read buffer: one is enough, the loop runs one pump at a time.
-    scratch: bytearray = field(default_factory=lambda: bytearray(SCRATCH_SIZE))
-    # A view of it made once: slicing a view is one allocation, viewing and slicing two.
-    view: memoryview = field(init=False)
-    # Pumps that fell back from splice to copying (read at scrape time).
-    fallbacks: int = 0
+    __slots__ = ("fallbacks", "mode", "pipes", "reactor", "scratch", "view")
 
-    def __post_init__(self) -> None:
+    def __init__(self, reactor: Reactor, mode: Mode, pipes: PipePool | None = None) -> None:
+        self.reactor = reactor
+        self.mode: Mode = mode
+        self.pipes = pipes if pipes is not None else PipePool()
+        # Copy-mode read buffer: one is enough, the loop runs one pump at a time.
+        self.scratch = bytearray(SCRATCH_SIZE)
+        # A view of it made once: slicing a view is one allocation, viewing and slicing two.
         self.view = memoryview(self.scratch)
+        # Pumps that fell back from splice to copying (read at scrape time).
+        self.fallbacks = 0
 
 
 class Pump:

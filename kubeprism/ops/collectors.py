@@ -16,7 +16,7 @@ from typing import Protocol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kubeprism import __version__
+from kubeprism import ENGINE, __version__
 from kubeprism.base.net import HostPort
 from kubeprism.base.supervise import SUPERVISOR
 from kubeprism.core.endpoint import Health
@@ -89,9 +89,11 @@ class StateCollector(Collector):
         yield from self._endpoint_metrics()
         yield from self._proxy_metrics()
         build = GaugeMetricFamily(
-            "kubeprism_build_info", "Build information.", labels=["version", "python"]
+            "kubeprism_build_info",
+            "Build information; engine: native (the data path compiled) or python.",
+            labels=["version", "python", "engine"],
         )
-        build.add_metric([__version__, platform.python_version()], 1)
+        build.add_metric([__version__, platform.python_version(), ENGINE], 1)
         yield build
 
     def _endpoint_metrics(self) -> Iterator[Metric]:
