@@ -13,7 +13,7 @@ import runpy
 from pathlib import Path
 from typing import Any
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
@@ -47,8 +47,12 @@ def extensions() -> list[Any]:
             raise
         print("warning: mypyc is not installed; kubeprism runs as plain Python")
         return []
-    paths = [str(native["source_path"](m, HERE / "kubeprism")) for m in native["COMPILED"]]
+    source = native["source_path"]
+    paths = [str(source(m, HERE / "kubeprism")) for m in native["COMPILED"]]
     exts = mypycify(paths, opt_level="3", group_name=native["GROUP"])
+    for module in native["C_MODULES"]:
+        path = source(module, HERE / "kubeprism").relative_to(HERE)
+        exts.append(Extension(module, [str(path)], extra_compile_args=["-O2"]))
     for ext in exts:
         ext.optional = WANTED != "1"  # a failed compile is a warning, not a failed install
     return exts

@@ -23,7 +23,7 @@ SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
 
 def fake_build(root: Path) -> None:
     """A package tree with every compiled module's source, extension and manifest."""
-    for module in native.COMPILED:
+    for module in (*native.COMPILED, *native.C_MODULES):
         src = native.source_path(module, root)
         src.parent.mkdir(parents=True, exist_ok=True)
         src.write_text(f"# {module}\n")
@@ -34,6 +34,13 @@ def fake_build(root: Path) -> None:
 
 def test_a_complete_current_build_is_usable(tmp_path: Path) -> None:
     fake_build(tmp_path)
+    assert native.unusable(tmp_path) is None
+
+
+def test_an_installed_wheel_without_the_c_source_is_usable(tmp_path: Path) -> None:
+    fake_build(tmp_path)
+    for module in native.C_MODULES:
+        native.source_path(module, tmp_path).unlink()
     assert native.unusable(tmp_path) is None
 
 

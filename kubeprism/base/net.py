@@ -8,18 +8,19 @@ import errno
 import ipaddress
 import socket
 from dataclasses import dataclass
+from typing import Final
 
 # Errors that are this host's fault (out of fds, memory or ephemeral ports), from a probe,
 # a dial or an accept alike: they say nothing about the endpoint, and counting them would
 # close every healthy endpoint's connections exactly when the node is already struggling.
-LOCAL_ERRNOS = frozenset(
+LOCAL_ERRNOS: Final = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
 )
 # splice(2) errors meaning "this fd pair cannot splice" (copying still works), not "the peer
 # went away". EBADF is not one of them: a bad fd is a bug of ours, never a fallback.
-SPLICE_UNSUPPORTED_ERRNOS = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+SPLICE_UNSUPPORTED_ERRNOS: Final = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 # A client that gave up while waiting in the accept queue: nothing is wrong with us.
-ACCEPT_ABORTED_ERRNOS = frozenset({errno.ECONNABORTED})
+ACCEPT_ABORTED_ERRNOS: Final = frozenset({errno.ECONNABORTED})
 
 
 def is_fd_bug(exc: OSError) -> bool:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
+from typing import Final
 
 from kubeprism.base.net import HostPort
 
-_TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
-_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+_TCP_USER_TIMEOUT: Final = getattr(socket, "TCP_USER_TIMEOUT", 18)
+_STREAM: Final = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 
 
 @dataclass(frozen=True, slots=True)

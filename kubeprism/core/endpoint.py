@@ -8,46 +8,47 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Final
 
 from kubeprism.base.net import HostPort
 
 # Weight of the newest sample in the latency average: smooths one slow probe without
 # hiding a real, lasting change for more than a few intervals.
-LATENCY_EWMA_ALPHA = 0.3
+LATENCY_EWMA_ALPHA: Final = 0.3
 # Latency classes are relative to the best endpoint of the same priority, never fixed
 # bounds: with fixed bounds (the old decades) 0.9 ms and 1.1 ms landed in different
 # classes and every node sent everything to one server. An endpoint is *equal* while
 # within EQUAL_FACTOR (or EQUAL_MARGIN) of the best and *slow* once at SLOW_FACTOR (and
 # SLOW_MARGIN) or more; in between it keeps its class. The band (1.5x wide) is as wide as
 # a +-20 % swing end to end, so jitter alone cannot carry an endpoint across both bounds.
-EQUAL_FACTOR = 2.0
-SLOW_FACTOR = 3.0
+EQUAL_FACTOR: Final = 2.0
+SLOW_FACTOR: Final = 3.0
 # Below a millisecond a factor is probe noise (scheduling, TLS CPU), not distance; and a few
 # milliseconds of a busy API server's answer must not put it in the slow class, where it gets
 # no new connections (fault 3 showed every request herded onto one server by 2-5 ms of noise).
-EQUAL_MARGIN = 0.001
-SLOW_MARGIN = 0.010
+EQUAL_MARGIN: Final = 0.001
+SLOW_MARGIN: Final = 0.010
 # Classes are judged on an endpoint's *floor*, the lowest of its last FLOOR_FIGURES
 # figures, not on the average: noise (a busy server or node, the first pass's concurrent
 # TLS handshakes) only ever adds latency, while distance is in every figure. Measured in the
 # fault suite under CPU load, three identical servers' first figures were 1.5-30 ms and
 # the average put one of them in the slow class for the whole scenario.
-FLOOR_FIGURES = 3
+FLOOR_FIGURES: Final = 3
 # A class decided on fewer figures is provisional: it orders new connections at once (a far
 # server gets none even right after start-up) but is decided afresh at every turn, with no
 # hold, until this many figures confirm it (the checker takes the second one a fast
 # interval after the first): one inflated figure costs a server ~250 ms, not a hold.
-FIRST_DECISION_FIGURES = 2
+FIRST_DECISION_FIGURES: Final = 2
 # How long latency must stay across a bound before the class changes. Demotion is quick
 # (a slower server should stop taking new connections soon); promotion must prove itself.
-DEMOTE_HOLD = 3.0
-PROMOTE_HOLD = 10.0
+DEMOTE_HOLD: Final = 3.0
+PROMOTE_HOLD: Final = 10.0
 # Staggered dials: wait this many latencies for a connect before trying the next
 # endpoint too; within [MIN, MAX] (RFC 8305 uses 250 ms when nothing is known). A lost SYN
 # costs a whole second (the initial RTO), so a connect late by a few RTTs is not coming.
-ATTEMPT_DELAY_FACTOR = 4.0
-ATTEMPT_DELAY_MIN = 0.05
-ATTEMPT_DELAY_MAX = 0.25
+ATTEMPT_DELAY_FACTOR: Final = 4.0
+ATTEMPT_DELAY_MIN: Final = 0.05
+ATTEMPT_DELAY_MAX: Final = 0.25
 
 
 class Evidence(enum.Enum):

@@ -17,12 +17,13 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Callable
+from typing import Final
 
 from kubeprism.base.sockets import DialOptions, set_liveness
 
 # Seconds a connection lives before it is armed (at most twice that): shorter than any
 # keepaliveIdle (>= 1 s) and than the checks' interval, longer than a short request.
-ARM_AFTER = 0.5
+ARM_AFTER: Final = 0.5
 
 
 class Arming:

@@ -9,16 +9,19 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from kubeprism.base.net import HostPort
 from kubeprism.forward.reactor import Port
 from kubeprism.forward.splice import ByteCounter, Pump, PumpContext
 
 # SO_LINGER {on, 0 s}: close with RST, so a dead upstream leaves no FIN_WAIT behind.
-_LINGER_RST = struct.pack("ii", 1, 0)
+_LINGER_RST: Final = struct.pack("ii", 1, 0)
 # Errors on the upstream side of a forwarded connection that hint at the server or the
 # path (a passive health sign); a FIN is not one: HTTP/1.1 servers close first routinely.
-_UPSTREAM_TROUBLE = {errno.ECONNRESET, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}
+_UPSTREAM_TROUBLE: Final = frozenset(
+    {errno.ECONNRESET, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}
+)
 
 
 class CloseReason(enum.Enum):

@@ -19,7 +19,7 @@ import errno
 import os
 import socket
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 from kubeprism.base.net import HostPort
 from kubeprism.base.sockets import DialOptions, open_upstream_socket
@@ -28,12 +28,12 @@ from kubeprism.forward.reactor import ERR, HUP, OUT, Reactor
 
 # Connects in flight at once for one client: the first and two staggered ones, so a
 # partition darkening two of three servers still costs only two attempt delays.
-MAX_ATTEMPTS_IN_FLIGHT = 3
+MAX_ATTEMPTS_IN_FLIGHT: Final = 3
 # uvloop's timers have millisecond resolution: a timer may fire this much early.
-_TIMER_SLACK = 0.002
+_TIMER_SLACK: Final = 0.002
 # How often the dials' shared timer looks at what is due while any dial waits: fine
 # enough for the shortest attempt delay (50 ms), coarse enough to cost nothing.
-DIAL_TICK = 0.01
+DIAL_TICK: Final = 0.01
 
 
 class DialOwner(Protocol):

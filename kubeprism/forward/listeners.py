@@ -7,6 +7,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable, Iterable
+from typing import Final
 
 from kubeprism.base.net import ACCEPT_ABORTED_ERRNOS, LOCAL_ERRNOS, HostPort
 from kubeprism.forward.reactor import IN, Reactor
@@ -14,12 +15,12 @@ from kubeprism.forward.reactor import IN, Reactor
 logger = logging.getLogger(__name__)
 
 # Deep accept queue: a node's clients reconnect all at once after a failover.
-LISTEN_BACKLOG = 4096
+LISTEN_BACKLOG: Final = 4096
 # Accepts per readiness event: bounds the time one burst holds the loop.
-ACCEPT_BATCH = 64
+ACCEPT_BATCH: Final = 64
 # After EMFILE/ENFILE, wait this long before accepting again: no busy loop, and
 # the listener comes back by itself once descriptors are free.
-ACCEPT_BACKOFF = 0.1
+ACCEPT_BACKOFF: Final = 0.1
 
 
 class StartupError(Exception):

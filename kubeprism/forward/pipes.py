@@ -7,14 +7,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+from typing import Final
 
 # 1 MiB pipes let one splice move a large chunk per wakeup (measured ~1.4x haproxy
 # bulk with this size); capped by /proc/sys/fs/pipe-max-size if that is lower.
-PIPE_SIZE = 1 << 20
+PIPE_SIZE: Final = 1 << 20
 # Enough free pipes for the connections that are busy at any moment; more are
 # closed on return so a burst does not pin pipe pages for good.
-PIPE_POOL_KEEP = 64
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+PIPE_POOL_KEEP: Final = 64
+_F_SETPIPE_SZ: Final = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 Pipe = tuple[int, int]
 

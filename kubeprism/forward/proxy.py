@@ -12,6 +12,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
+from typing import Final
 
 from kubeprism.base.net import LOCAL_ERRNOS, HostPort
 from kubeprism.core.endpoint import Evidence, Health, Transition
@@ -36,12 +37,12 @@ __all__ = ["DialObserver", "Proxy", "ProxySettings", "ProxyStats"]
 logger = logging.getLogger(__name__)
 
 # Shortest pause between idle sweeps, however short idleTimeout is.
-MIN_SWEEP_PERIOD = 0.05
+MIN_SWEEP_PERIOD: Final = 0.05
 # A dial slower than this share of dialTimeout is a passive sign, even though it worked.
-SLOW_DIAL_SHARE = 0.5
+SLOW_DIAL_SHARE = 0.5  # not Final: a test varies it (Final ones are inlined when compiled)
 # After an unexpected error in the data path, further ones are only counted for this
 # long: a traceback per connection would flood the journal.
-INTERNAL_ERROR_QUIET = 60.0
+INTERNAL_ERROR_QUIET: Final = 60.0
 
 
 DialObserver = Callable[[HostPort, float, bool], None]

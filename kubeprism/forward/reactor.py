@@ -23,25 +23,27 @@ import os
 import select
 import socket
 from collections.abc import Callable
-from typing import Protocol
+from typing import Final, Protocol
+
+from kubeprism.forward.fastio import poll_now
 
 logger = logging.getLogger(__name__)
 
-IN = select.EPOLLIN
-OUT = select.EPOLLOUT
-ERR = select.EPOLLERR
-HUP = select.EPOLLHUP
-RDHUP = select.EPOLLRDHUP
+IN: Final = select.EPOLLIN
+OUT: Final = select.EPOLLOUT
+ERR: Final = select.EPOLLERR
+HUP: Final = select.EPOLLHUP
+RDHUP: Final = select.EPOLLRDHUP
 # What a reading side waits for: bytes, and whether the peer's FIN already came with them.
-READ = IN | RDHUP
+READ: Final = IN | RDHUP
 # Events that say the socket has an end to read (a FIN, a hang-up, an error).
-CLOSING = RDHUP | HUP | ERR
+CLOSING: Final = RDHUP | HUP | ERR
 # What a reading side, and a writing side, is woken by (one global lookup each).
-_READABLE = IN | CLOSING
-_WRITABLE = OUT | ERR | HUP
-_WAITING = IN | OUT
+_READABLE: Final = IN | CLOSING
+_WRITABLE: Final = OUT | ERR | HUP
+_WAITING: Final = IN | OUT
 # Events per poll: bounds one wakeup's work; the rest are reported at the next poll.
-MAX_EVENTS = 256
+MAX_EVENTS: Final = 256
 
 Handler = Callable[[int], None]
 ErrorHandler = Callable[[int, Exception], None]
@@ -127,7 +129,7 @@ class Reactor:
         handlers, closing = self._handlers, self._closing
         if closing:  # closed outside a poll (a timer, a health verdict): nothing read yet
             closing.clear()
-        for fd, events in self._ep.poll(0, MAX_EVENTS):
+        for fd, events in poll_now(self._ep, MAX_EVENTS):
             if fd in closing:
                 continue
             handler = handlers.get(fd)

@@ -1,0 +1,129 @@
+/* The two calls every forwarded message makes, for the compiled engine (kubeprism/native.py).
+ *
+ * Why: CPython releases and retakes the GIL around every socket and epoll call (~700
+ * instructions a time, a third of a small message's cost in user space) and builds each
+ * call's arguments and results through generic layers. On a non-blocking socket and an
+ * epoll_wait with a zero timeout nothing can block, so there is nothing to release the GIL
+ * for. fastio.py holds the same two functions in Python (the engine without a compiler);
+ * tests/test_fastio.py holds both to the same results, errors included.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+
+/* Events one poll returns at most (the reactor asks for MAX_EVENTS = 256). */
+#define MAX_EVENTS 256
+
+static int
+retry_after_signal(void)
+{
+    /* PEP 475: an interrupted call is retried once the signal handlers ran. */
+    return errno == EINTR && PyErr_CheckSignals() == 0;
+}
+
+/* relay(src, dst, buffer) -> (read, sent): one recv from src into buffer, then one send of
+ * what was read to dst. read is -1 when src had nothing (EAGAIN), 0 at EOF; sent is 0 when
+ * dst is full. Any other error raises OSError (its errno subclass), as the socket calls do.
+ * src and dst: sockets or fds. */
+static PyObject *
+relay(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "relay(src, dst, buffer) takes 3 arguments");
+        return NULL;
+    }
+    int src = PyObject_AsFileDescriptor(args[0]);
+    if (src < 0)
+        return NULL;
+    int dst = PyObject_AsFileDescriptor(args[1]);
+    if (dst < 0)
+        return NULL;
+    Py_buffer buf;
+    if (PyObject_GetBuffer(args[2], &buf, PyBUF_WRITABLE) < 0)
+        return NULL;
+    ssize_t n, sent = 0;
+    do {
+        n = recv(src, buf.buf, (size_t)buf.len, 0);
+    } while (n < 0 && retry_after_signal());
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        n = -1;
+    } else if (n < 0) {
+        goto error;
+    } else if (n > 0) {
+        do {
+            sent = send(dst, buf.buf, (size_t)n, MSG_NOSIGNAL);
+        } while (sent < 0 && retry_after_signal());
+        if (sent < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            sent = 0;
+        else if (sent < 0)
+            goto error;
+    }
+    PyBuffer_Release(&buf);
+    return Py_BuildValue("(nn)", (Py_ssize_t)n, (Py_ssize_t)sent);
+error:
+    PyBuffer_Release(&buf);
+    if (!PyErr_Occurred())
+        PyErr_SetFromErrno(PyExc_OSError);
+    return NULL;
+}
+
+/* poll_now(epoll, maxevents) -> [(fd, events), ...]: what select.epoll.poll(0, maxevents)
+ * returns, without waiting. */
+static PyObject *
+poll_now(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "poll_now(epoll, maxevents) takes 2 arguments");
+        return NULL;
+    }
+    int epfd = PyObject_AsFileDescriptor(args[0]);
+    if (epfd < 0)
+        return NULL;
+    long wanted = PyLong_AsLong(args[1]);
+    if (wanted == -1 && PyErr_Occurred())
+        return NULL;
+    if (wanted < 1 || wanted > MAX_EVENTS) {
+        PyErr_Format(PyExc_ValueError, "maxevents must be 1..%d, not %ld", MAX_EVENTS, wanted);
+        return NULL;
+    }
+    struct epoll_event events[MAX_EVENTS];
+    int n;
+    do {
+        n = epoll_wait(epfd, events, (int)wanted, 0);
+    } while (n < 0 && retry_after_signal());
+    if (n < 0)
+        return PyErr_Occurred() ? NULL : PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *list = PyList_New(n);
+    if (list == NULL)
+        return NULL;
+    for (int i = 0; i < n; i++) {
+        PyObject *item = Py_BuildValue("(iI)", events[i].data.fd, events[i].events);
+        if (item == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, item);
+    }
+    return list;
+}
+
+static PyMethodDef methods[] = {
+    {"relay", (PyCFunction)(void (*)(void))relay, METH_FASTCALL,
+     "relay(src, dst, buffer) -> (read, sent): one recv, then one send of what it read."},
+    {"poll_now", (PyCFunction)(void (*)(void))poll_now, METH_FASTCALL,
+     "poll_now(epoll, maxevents) -> [(fd, events)]: select.epoll.poll(0, maxevents)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "kubeprism.forward._fastio",
+    "recv-then-send and a non-blocking epoll poll, without releasing the GIL.", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__fastio(void)
+{
+    return PyModule_Create(&module);
+}

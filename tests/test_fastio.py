@@ -1,0 +1,148 @@
+"""fastio: the C relay/poll_now of the compiled engine and their Python versions give the
+same results on real sockets, errors included (the rest of the data path is one source
+for both engines; these two functions are the only code written twice)."""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import struct
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from kubeprism.forward import _fastio, fastio
+
+RELAYS = {"c": _fastio.relay, "python": fastio.relay_py}
+POLLS = {"c": _fastio.poll_now, "python": fastio.poll_now_py}
+Relay = Callable[[socket.socket, socket.socket, memoryview], tuple[int, int]]
+Pairs = Callable[[], tuple[socket.socket, socket.socket]]
+
+
+@pytest.fixture(params=sorted(RELAYS))
+def relay(request: pytest.FixtureRequest) -> Relay:
+    return RELAYS[request.param]
+
+
+@pytest.fixture
+def tcp() -> Iterator[Callable[[], tuple[socket.socket, socket.socket]]]:
+    """Connected TCP pairs (ours non-blocking, theirs blocking), closed afterwards."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    made: list[socket.socket] = [listener]
+
+    def pair() -> tuple[socket.socket, socket.socket]:
+        theirs = socket.create_connection(listener.getsockname())
+        ours, _ = listener.accept()
+        ours.setblocking(False)
+        made.extend((ours, theirs))
+        return ours, theirs
+
+    yield pair
+    for sock in made:
+        sock.close()
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with RST instead of FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def test_what_is_read_is_sent(relay: Relay, tcp: Pairs) -> None:
+    (src, feeder), (dst, sink) = tcp(), tcp()
+    feeder.sendall(b"hello")
+    buf = memoryview(bytearray(1024))
+    assert relay(src, dst, buf) == (5, 5)
+    assert sink.recv(1024) == b"hello"
+
+
+def test_nothing_to_read_is_minus_one(relay: Relay, tcp: Pairs) -> None:
+    (src, _), (dst, _) = tcp(), tcp()
+    assert relay(src, dst, memoryview(bytearray(16))) == (-1, 0)
+
+
+def test_eof_is_zero(relay: Relay, tcp: Pairs) -> None:
+    (src, feeder), (dst, _) = tcp(), tcp()
+    feeder.shutdown(socket.SHUT_WR)
+    assert relay(src, dst, memoryview(bytearray(16))) == (0, 0)
+
+
+def test_a_full_destination_sends_less(relay: Relay, tcp: Pairs) -> None:
+    (src, feeder), (dst, _sink) = tcp(), tcp()
+    dst.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    buf = memoryview(bytearray(64 * 1024))
+    feeder.setblocking(False)
+    for _ in range(1000):  # bounded: the sink never reads, so dst fills up
+        with contextlib.suppress(BlockingIOError):
+            feeder.send(bytes(64 * 1024))
+        n, sent = relay(src, dst, buf)
+        assert 0 <= sent <= n
+        if n > 0 and sent < n:
+            break
+    else:
+        pytest.fail("dst never filled up")
+
+
+def test_a_reset_source_raises_connection_reset(relay: Relay, tcp: Pairs) -> None:
+    (src, feeder), (dst, _) = tcp(), tcp()
+    reset(feeder)
+    with pytest.raises(ConnectionResetError):
+        relay(src, dst, memoryview(bytearray(16)))
+
+
+def test_a_reset_destination_raises_the_same_error(
+    tcp: Pairs,
+) -> None:
+    errors = {}
+    for name, relay in RELAYS.items():
+        (src, feeder), (dst, sink) = tcp(), tcp()
+        reset(sink)
+        feeder.sendall(b"x")
+        for _ in range(100):  # the RST may need a moment to arrive
+            try:
+                relay(src, dst, memoryview(bytearray(16)))
+                feeder.sendall(b"x")
+            except OSError as exc:
+                errors[name] = type(exc), exc.errno
+                break
+    assert errors["c"] == errors["python"] and errors["c"][0] is not None, errors
+
+
+@pytest.mark.parametrize("impl", sorted(POLLS))
+def test_poll_now_reports_what_epoll_poll_reports(impl: str) -> None:
+    poll_now = POLLS[impl]
+    a, b = socket.socketpair()
+    ep = select.epoll()
+    try:
+        ep.register(a.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+        ep.register(b.fileno(), select.EPOLLOUT)
+        assert poll_now(ep, 256) == [(b.fileno(), select.EPOLLOUT)]
+        b.send(b"x")
+        b.shutdown(socket.SHUT_WR)
+        got = sorted(poll_now(ep, 256))
+        assert got == sorted(ep.poll(0, 256))
+        assert (a.fileno(), select.EPOLLIN | select.EPOLLRDHUP) in got
+        assert len(poll_now(ep, 1)) == 1  # maxevents bounds one poll
+    finally:
+        ep.close()
+        a.close()
+        b.close()
+
+
+def test_poll_now_rejects_a_bad_bound() -> None:
+    ep = select.epoll()
+    try:
+        with pytest.raises(ValueError, match=r"maxevents must be 1\.\.256"):
+            _fastio.poll_now(ep, 0)
+    finally:
+        ep.close()
+
+
+def test_the_compiled_engine_uses_the_c_functions() -> None:
+    import kubeprism
+
+    c = (_fastio.relay, _fastio.poll_now)
+    python = (fastio.relay_py, fastio.poll_now_py)
+    in_use: tuple[object, object] = (fastio.relay, fastio.poll_now)
+    assert in_use == (c if kubeprism.ENGINE == "native" else python)
