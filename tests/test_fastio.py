@@ -5,6 +5,7 @@ for both engines; these two functions are the only code written twice)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import socket
 import struct
@@ -146,3 +147,26 @@ def test_the_compiled_engine_uses_the_c_functions() -> None:
     python = (fastio.relay_py, fastio.poll_now_py)
     in_use: tuple[object, object] = (fastio.relay, fastio.poll_now)
     assert in_use == (c if kubeprism.ENGINE == "native" else python)
+
+
+@pytest.mark.parametrize("impl", ["c", "python"])
+def test_accept_gives_a_non_blocking_close_on_exec_socket(impl: str) -> None:
+    accept = {"c": _fastio.accept, "python": fastio.accept_py}[impl]
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    try:
+        with pytest.raises(BlockingIOError):
+            accept(listener)
+        client = socket.create_connection(listener.getsockname())
+        fd = accept(listener)
+        try:
+            assert not os.get_blocking(fd) and not os.get_inheritable(fd)
+            with socket.socket(
+                socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, 0, fd
+            ) as s:
+                assert s.gettimeout() == 0.0
+                assert s.getpeername() == client.getsockname()
+        finally:
+            client.close()
+    finally:
+        listener.close()

@@ -15,7 +15,7 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -25,6 +25,7 @@ from util import eventually, open_fds
 from kubeprism.base.net import HostPort
 from kubeprism.core.endpoint import EndpointSpec, Health, Transition
 from kubeprism.core.upstream import Pool
+from kubeprism.forward import fastio, listeners
 from kubeprism.forward import proxy as proxy_module
 from kubeprism.forward.arming import ARM_AFTER
 from kubeprism.forward.connection import CloseReason
@@ -184,11 +185,7 @@ def healthy_pool(*addresses: HostPort, unhealthy_threshold: int = 2, tied: bool 
 
 
 @contextlib.asynccontextmanager
-async def serving(
-    pool: Pool,
-    listener_wrapper: Callable[[socket.socket], Any] | None = None,
-    **overrides: Any,
-) -> AsyncIterator[Rig]:
+async def serving(pool: Pool, **overrides: Any) -> AsyncIterator[Rig]:
     """A Proxy serving on 127.0.0.1; torn down like the daemon does, then checked."""
     loop = asyncio.get_running_loop()
     listener = socket.socket()
@@ -204,7 +201,7 @@ async def serving(
         observe_dial=lambda a, s, ok: dials.append((a, s, ok)),
     )
     rig = Rig(proxy, pool, listener, listener.getsockname()[1], transitions, dials)
-    rig.proxy.serve([listener_wrapper(listener) if listener_wrapper else listener])
+    rig.proxy.serve([listener])
     try:
         yield rig
     finally:
@@ -427,57 +424,38 @@ async def test_idle_timeout_closes_idle_connections_only() -> None:
         assert rig.proxy.active == 1
 
 
-class FlakyListener:
-    """A listening socket whose accept() fails with ``error`` the first ``failures`` times."""
+class FlakyAccept:
+    """fastio.accept, failing with ``error`` the first ``failures`` times (swapped in for
+    the acceptor's accept: the compiled engine's sockets cannot be faked)."""
 
-    def __init__(self, sock: socket.socket, error: int, failures: int) -> None:
-        self.sock = sock
+    def __init__(self, error: int, failures: int) -> None:
         self.error = error
         self.failures = failures
         self.calls: list[tuple[float, str]] = []
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def setblocking(self, flag: bool) -> None:
-        self.sock.setblocking(flag)
-
-    def setsockopt(self, level: int, option: int, value: int) -> None:
-        self.sock.setsockopt(level, option, value)
-
-    @property
-    def family(self) -> int:
-        return self.sock.family
-
-    def _accept(self) -> tuple[int, Any]:
-        """What the acceptor calls (socket.accept() without its wrapper)."""
+    def __call__(self, listener: socket.socket) -> int:
         if self.failures:
             self.failures -= 1
             self.calls.append((time.monotonic(), "failed"))
             raise OSError(self.error, "simulated")
         try:
-            conn: tuple[int, Any] = self.sock._accept()  # type: ignore[attr-defined]
+            fd = fastio.accept(listener)
         except BlockingIOError:
             self.calls.append((time.monotonic(), "empty"))
             raise
         self.calls.append((time.monotonic(), "accepted"))
-        return conn
+        return fd
 
 
 @pytest.mark.parametrize("error", [errno.EMFILE, errno.ENFILE])
 async def test_accept_resource_errors_pause_accepting_then_recover(
-    error: int, caplog: pytest.LogCaptureFixture
+    error: int, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     caplog.set_level(logging.INFO, logger="kubeprism.forward.listeners")
     failures = 3
-    flaky: list[FlakyListener] = []
-
-    def wrap(sock: socket.socket) -> FlakyListener:
-        flaky.append(FlakyListener(sock, error, failures))
-        return flaky[0]
-
-    async with NamedEcho("A") as a, serving(healthy_pool(a.address), wrap) as rig:
-        listener = flaky[0]
+    listener = FlakyAccept(error, failures)
+    monkeypatch.setattr(listeners, "accept", listener)
+    async with NamedEcho("A") as a, serving(healthy_pool(a.address)) as rig:
         client = await rig.connect()  # served once the failures are used up
         await client.echo(b"served after the pause")
         outcomes = [what for _, what in listener.calls]

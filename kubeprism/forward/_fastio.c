@@ -1,10 +1,11 @@
-/* The two calls every forwarded message makes, for the compiled engine (kubeprism/native.py).
+/* The calls every forwarded message (and every accept) makes, for the compiled engine
+ * (kubeprism/native.py).
  *
  * Why: CPython releases and retakes the GIL around every socket and epoll call (~700
  * instructions a time, a third of a small message's cost in user space) and builds each
  * call's arguments and results through generic layers. On a non-blocking socket and an
  * epoll_wait with a zero timeout nothing can block, so there is nothing to release the GIL
- * for. fastio.py holds the same two functions in Python (the engine without a compiler);
+ * for. fastio.py holds the same functions in Python (the engine without a compiler);
  * tests/test_fastio.py holds both to the same results, errors included.
  */
 #define PY_SSIZE_T_CLEAN
@@ -109,7 +110,27 @@ poll_now(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return list;
 }
 
+/* accept(listener) -> fd: accept4 with SOCK_NONBLOCK | SOCK_CLOEXEC, so the new socket
+ * needs no ioctl to become non-blocking. EAGAIN raises BlockingIOError, any other error
+ * OSError, as socket.accept() does. */
+static PyObject *
+accept_nonblocking(PyObject *module, PyObject *listener)
+{
+    int lfd = PyObject_AsFileDescriptor(listener);
+    if (lfd < 0)
+        return NULL;
+    int fd;
+    do {
+        fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    } while (fd < 0 && retry_after_signal());
+    if (fd < 0)
+        return PyErr_Occurred() ? NULL : PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(fd);
+}
+
 static PyMethodDef methods[] = {
+    {"accept", (PyCFunction)accept_nonblocking, METH_O,
+     "accept(listener) -> fd: a new connection's socket, non-blocking and close-on-exec."},
     {"relay", (PyCFunction)(void (*)(void))relay, METH_FASTCALL,
      "relay(src, dst, buffer) -> (read, sent): one recv, then one send of what it read."},
     {"poll_now", (PyCFunction)(void (*)(void))poll_now, METH_FASTCALL,
@@ -119,7 +140,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "kubeprism.forward._fastio",
-    "recv-then-send and a non-blocking epoll poll, without releasing the GIL.", -1, methods,
+    "accept, recv-then-send and a non-blocking epoll poll, without releasing the GIL.", -1, methods,
 };
 
 PyMODINIT_FUNC

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from typing import Final
 
 from kubeprism.base.net import ACCEPT_ABORTED_ERRNOS, LOCAL_ERRNOS, HostPort
+from kubeprism.forward.fastio import accept
 from kubeprism.forward.reactor import IN, Reactor
 
 logger = logging.getLogger(__name__)
@@ -18,6 +19,8 @@ logger = logging.getLogger(__name__)
 LISTEN_BACKLOG: Final = 4096
 # Accepts per readiness event: bounds the time one burst holds the loop.
 ACCEPT_BATCH: Final = 64
+# The type an accepted socket is wrapped as: its fd is non-blocking already (fastio.accept).
+_NONBLOCKING_STREAM: Final = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 # After EMFILE/ENFILE, wait this long before accepting again: no busy loop, and
 # the listener comes back by itself once descriptors are free.
 ACCEPT_BACKOFF: Final = 0.1
@@ -91,16 +94,15 @@ class Acceptor:
         self._listeners.clear()
 
     def _watch(self, lsock: socket.socket) -> None:
-        self._reactor.watch(lsock.fileno(), IN, lambda _events: self._on_accept(lsock))
+        # The family read once: the property is Python code that builds an enum.
+        family = int(lsock.family)
+        self._reactor.watch(lsock.fileno(), IN, lambda _events: self._on_accept(lsock, family))
 
-    def _on_accept(self, lsock: socket.socket) -> None:
-        family = lsock.family
+    def _on_accept(self, lsock: socket.socket, family: int) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
-                # socket.accept() without its wrapper: it converts family and type to
-                # enums and asks for timeouts, five Python calls per connection.
-                fd, _peer = lsock._accept()  # type: ignore[attr-defined]
-                client = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+                # Non-blocking from accept4(): the socket object is told so, no ioctl.
+                client = socket.socket(family, _NONBLOCKING_STREAM, 0, accept(lsock))
             except BlockingIOError:
                 return
             except OSError as exc:

@@ -137,8 +137,8 @@ class Proxy:
         self._drained.clear()
         dial: Dial | None = None
         try:
-            # TCP_NODELAY comes from the listener: Linux copies it to accepted sockets.
-            client.setblocking(False)
+            # Non-blocking from accept (fastio.accept); TCP_NODELAY comes from the
+            # listener: Linux copies it to accepted sockets.
             candidates = self.pool.candidates()
             dial = Dial(
                 self._dial_timers,
@@ -295,6 +295,7 @@ class Proxy:
     def adopt(self, frozen: Frozen) -> bool:
         """Resume a connection of the previous process; False if its endpoint is gone."""
         if frozen.upstream is None or frozen.address is None:
+            frozen.client.setblocking(False)  # what a fresh accept gives _admit
             self._admit(frozen.client)  # never dialed: dial now, like a fresh accept
             return True
         # A fresh process knows no health yet: an endpoint that is down is closed as
