@@ -9,7 +9,10 @@ user space (the interpreter, uvloop, libc; not the kernel), the same count for t
 code and inputs however busy the machine is: the figure to compare two revisions of the
 per-connection path by. The kernel's share is what bench/percon.py's syscall counts show.
 
-kubeprism runs under `valgrind --tool=callgrind` with instrumentation off, in front of
+Columns: the working tree on the engine the installed package picks (the compiled one after
+`./scripts/test`), the same tree as plain Python (KUBEPRISM_ENGINE=python), and with
+--compare, revision REV (plain Python: never compiled). kubeprism runs under
+`valgrind --tool=callgrind` with instrumentation off, in front of
 bench/'s nginx upstream; after a warm-up, counting is switched on for N sequential
 `Connection: close` requests (churn: accept, dial, forward, close) and then for M requests
 on one kept-alive connection, one at a time. Sequential means no batching: every event
@@ -33,6 +36,8 @@ from pathlib import Path
 import backends
 import procs
 import targets
+
+from kubeprism import ENGINE
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
 CLOSE_REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
@@ -84,13 +89,19 @@ def _recv(sock: socket.socket) -> bytes:
 
 
 @contextlib.contextmanager
-def under_callgrind(source: Path | None, upstream: int, work: Path) -> Iterator[Counter]:
-    """kubeprism (from ``source``, else the installed package) under callgrind."""
+def under_callgrind(target: targets.Target, upstream: int, work: Path) -> Iterator[Counter]:
+    """kubeprism (from the target's source, else the installed package; on its engine)
+    under callgrind."""
+    source = target.source
     port, admin = procs.free_port(), procs.free_port()
     cfg = work / f"kubeprism-{port}.yaml"
     cfg.write_text(targets.kubeprism_config(port, upstream, admin, "splice"))
     out = work / f"callgrind-{port}.out"
-    env = dict(os.environ, PYTHONPATH=str(source)) if source else None
+    env = dict(os.environ)
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
+    if target.engine:
+        env["KUBEPRISM_ENGINE"] = target.engine
     argv = [
         "valgrind",
         "--tool=callgrind",
@@ -149,7 +160,7 @@ class Counter:
         return total
 
 
-def churn(source: Path | None, args: argparse.Namespace, upstream: int, work: Path) -> float:
+def churn(source: targets.Target, args: argparse.Namespace, upstream: int, work: Path) -> float:
     """Instructions per `Connection: close` connection, one at a time."""
     with under_callgrind(source, upstream, work) as counter:
         for _ in range(WARMUP):
@@ -163,7 +174,7 @@ def churn(source: Path | None, args: argparse.Namespace, upstream: int, work: Pa
     return counter.total() / int(args.connections)
 
 
-def keepalive(source: Path | None, args: argparse.Namespace, upstream: int, work: Path) -> float:
+def keepalive(source: targets.Target, args: argparse.Namespace, upstream: int, work: Path) -> float:
     """Instructions per request on one kept-alive connection, one at a time."""
     with (
         under_callgrind(source, upstream, work) as counter,
@@ -181,7 +192,7 @@ def keepalive(source: Path | None, args: argparse.Namespace, upstream: int, work
 
 
 def measure(
-    source: Path | None, args: argparse.Namespace, upstream: int, work: Path
+    source: targets.Target, args: argparse.Namespace, upstream: int, work: Path
 ) -> dict[str, float]:
     """Instructions per churned connection and per kept-alive request (one process each)."""
     return {
@@ -194,10 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="kubeprism-instr-") as tmp:
         work = Path(tmp)
-        sources: dict[str, Path | None] = {"working tree": None}
+        sources = {
+            f"working tree ({ENGINE})": targets.Target("tree", "kubeprism", "splice"),
+            "working tree (python)": targets.Target("tree", "kubeprism", "splice", engine="python"),
+        }
         if args.compare:
             old = targets.at_revision(args.compare, work / "rev")
-            sources[old.name.split("@", 1)[1]] = old.source
+            sources[old.name.split("@", 1)[1] + " (python)"] = old
         with backends.http(work) as upstream:
             results = {name: measure(src, args, upstream, work) for name, src in sources.items()}
     names = list(results)
@@ -207,9 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         ("churn", "per connection (`Connection: close`)"),
         ("keepalive", "per kept-alive request"),
     ):
-        cells = [f"{results[n][key]:,.0f}" for n in names]
-        if len(names) == 2:
-            cells[0] += f" ({results[names[0]][key] / results[names[1]][key]:.2f}x)"
+        first = results[names[0]][key]
+        cells = [f"{first:,.0f}"]
+        # Each other column: the first one's count as a share of it.
+        cells += [f"{results[n][key]:,.0f} ({first / results[n][key]:.2f}x)" for n in names[1:]]
         print(f"| {what} | " + " | ".join(cells) + " |")
     return 0
 

@@ -92,7 +92,8 @@ def kubeprism_source() -> dict[str, str]:
     """Version and origin of the kubeprism (and uvloop) the proxy children import."""
     code = (
         "import json, kubeprism, uvloop; print(json.dumps({'version': kubeprism.__version__,"
-        " 'uvloop': uvloop.__version__, 'file': kubeprism.__file__}))"
+        " 'uvloop': uvloop.__version__, 'file': kubeprism.__file__,"
+        " 'engine': getattr(kubeprism, 'ENGINE', 'python')}))"
     )
     try:
         info: dict[str, str] = json.loads(first_line([sys.executable, "-c", code]))
@@ -138,7 +139,7 @@ def versions() -> dict[str, str]:
     """Versions of everything measured or measuring."""
     kp = kubeprism_source()
     return {
-        "kubeprism": f"{kp['version']} ({kp['source']})",
+        "kubeprism": f"{kp['version']} ({kp['source']}; engine {kp.get('engine', '?')})",
         "python": platform.python_version(),
         "uvloop": kp["uvloop"],
         "haproxy": first_line(["haproxy", "-v"]).removeprefix("HAProxy version ").split(" ")[0],

@@ -48,6 +48,9 @@ class Target:
     # kubeprism only: a directory holding the kubeprism package of another revision
     # (at_revision), imported instead of the installed one; None: the installed one.
     source: Path | None = None
+    # kubeprism only: KUBEPRISM_ENGINE for it ("" leaves the choice to the package: the
+    # compiled engine where it was built, kubeprism/native.py).
+    engine: str = ""
 
     @contextlib.contextmanager
     def launch(self, upstream: int, workdir: Path) -> Iterator[Running]:
@@ -58,7 +61,11 @@ class Target:
         port = procs.free_port()
         argv, ready = self._command(port, upstream, workdir)
         log = workdir / f"{self.name}.log"
-        env = None if self.source is None else {**os.environ, "PYTHONPATH": str(self.source)}
+        env = dict(os.environ)
+        if self.source is not None:
+            env["PYTHONPATH"] = str(self.source)
+        if self.engine:
+            env["KUBEPRISM_ENGINE"] = self.engine
         with procs.child(argv, log, "proxy", env) as proc:
             accepts = _poll(proc, lambda: procs.port_accepts(port), f"{self.name} port")
             ready_s = accepts
@@ -99,6 +106,8 @@ ALL = (
     Target("direct", "direct"),
     Target("kubeprism-splice", "kubeprism", "splice"),
     Target("kubeprism-copy", "kubeprism", "copy"),
+    # The same code as plain Python: what an install without a C compiler runs.
+    Target("kubeprism-python", "kubeprism", "splice", engine="python"),
     Target("haproxy", "haproxy"),
     Target("nginx", "nginx"),
 )

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
+import kubeprism
+
 REPO = Path(__file__).resolve().parent.parent
 # The proxies compared in the smoke; nginx's numbers add nothing a smoke needs.
-SMOKE_TARGETS = ["direct", "kubeprism-splice", "kubeprism-copy", "haproxy"]
+SMOKE_TARGETS = ["direct", "kubeprism-splice", "kubeprism-copy", "kubeprism-python", "haproxy"]
 # Tools the scenarios drive (nginx is also the HTTP upstream).
 TOOLS = ["haproxy", "nginx", "iperf3", "sockperf", "wrk"]
 # Hard bound on the whole smoke (it takes about 40 s on 2 cores).
@@ -66,6 +68,8 @@ def test_quick_bench_reports_every_scenario(tmp_path: Path) -> None:
                     value = metrics[key][target]["median"]
                     assert isinstance(value, float | int), (scenario, key, target, value)
     assert (tmp_path / result.name.replace(".json", ".md")).exists()
+    # Which engine the kubeprism columns ran on is part of the record.
+    assert f"; engine {kubeprism.ENGINE})" in doc["versions"]["kubeprism"]
 
 
 def test_compare_measures_another_revision_in_the_same_run(tmp_path: Path) -> None:

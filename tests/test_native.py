@@ -116,3 +116,18 @@ def test_python_is_chosen_even_where_a_build_is_installed() -> None:
     if kubeprism.ENGINE == "native":  # and the same interpreter picks the build by default
         engine, *files = run_python(code, "auto").split()
         assert engine == "native" and not any(f.endswith(".py") for f in files), files
+
+
+@pytest.mark.parametrize("value", ["fast", "native-please"])
+def test_the_cli_names_a_bad_engine_and_exits_2(value: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "kubeprism", "version"],
+        env={"KUBEPRISM_ENGINE": value, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"kubeprism: KUBEPRISM_ENGINE={value!r}: expected one of auto, native, python\n"
+    )

@@ -88,7 +88,8 @@ class Proxy:
         self._internal_trouble = False
         self._sweep_timer: asyncio.TimerHandle | None = None
         self._closed = False
-        self._drained = asyncio.Event()
+        # Futures of wait_drained() callers (shutdown): nothing to touch per connection.
+        self._drain_waiters: list[asyncio.Future[None]] = []
 
     # ------------------------------------------------------------ listening
 
@@ -134,7 +135,6 @@ class Proxy:
             set_linger_rst(client)
             client.close()
             return
-        self._drained.clear()
         dial: Dial | None = None
         try:
             # Non-blocking from accept (fastio.accept); TCP_NODELAY comes from the
@@ -276,8 +276,11 @@ class Proxy:
         self._check_drained()
 
     def _check_drained(self) -> None:
-        if not self.active:
-            self._drained.set()
+        if not self.active and self._drain_waiters:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     # ------------------------------------------------------------ handover
 
@@ -304,7 +307,6 @@ class Proxy:
             self.stats.closed[CloseReason.REMOVED] += 1  # closed by the caller
             return False
         self.stats.adopted += 1
-        self._drained.clear()
         self._start(frozen.client, frozen.upstream, frozen.address, frozen)
         return True
 
@@ -360,7 +362,9 @@ class Proxy:
     async def wait_drained(self) -> None:
         """Return once no client connection is open."""
         if self.active:
-            await self._drained.wait()
+            waiter = self.loop.create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
 
     def close_all(self) -> int:
         """Close every connection, cancel dials in progress and the idle sweep; return how

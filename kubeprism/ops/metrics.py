@@ -165,20 +165,22 @@ class HistogramCollector(Collector):
 
     def __init__(self, name: str, documentation: str) -> None:
         self.name, self.documentation = name, documentation
-        self._by_key: dict[tuple[HostPort, Result], _Buckets] = {}
+        # Keyed by the result's value: an enum member hashes in Python code, a str does not.
+        self._by_key: dict[tuple[HostPort, str], _Buckets] = {}
 
     def observe(self, address: HostPort, result: Result, seconds: float) -> None:
         """Count one sample: a dict lookup, a bisect and two additions."""
-        buckets = self._by_key.get((address, result))
+        key = (address, result.value)
+        buckets = self._by_key.get(key)
         if buckets is None:
-            buckets = self._by_key[(address, result)] = _Buckets()
+            buckets = self._by_key[key] = _Buckets()
         buckets.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         buckets.sum += seconds
 
     def forget(self, address: HostPort) -> None:
         """Drop an endpoint's series (it left the pool): /metrics must not grow with churn."""
         for result in Result:
-            self._by_key.pop((address, result), None)
+            self._by_key.pop((address, result.value), None)
 
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=["endpoint", "result"])
@@ -186,11 +188,11 @@ class HistogramCollector(Collector):
         for (address, result), b in sorted(self._by_key.items(), key=_endpoint_then_result):
             cumulative = list(itertools.accumulate(b.counts))
             family.add_metric(
-                [str(address), result.value], list(zip(bounds, cumulative, strict=True)), b.sum
+                [str(address), result], list(zip(bounds, cumulative, strict=True)), b.sum
             )
         yield family
 
 
-def _endpoint_then_result(item: tuple[tuple[HostPort, Result], _Buckets]) -> tuple[str, str]:
+def _endpoint_then_result(item: tuple[tuple[HostPort, str], _Buckets]) -> tuple[str, str]:
     (address, result), _ = item
-    return str(address), result.value
+    return str(address), result
