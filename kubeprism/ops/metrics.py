@@ -139,11 +139,11 @@ class Metrics:
 
     def observe_dial(self, address: HostPort, seconds: float, ok: bool) -> None:
         """Record one dial."""
-        self.dials.observe(address, Result.of(ok), seconds)
+        self.dials.observe(address, ok, seconds)
 
     def observe_probe(self, address: HostPort, seconds: float, ok: bool) -> None:
         """Record one health check."""
-        self.probes.observe(address, Result.of(ok), seconds)
+        self.probes.observe(address, ok, seconds)
 
     def exposition(self) -> bytes:
         """The text exposition format."""
@@ -165,12 +165,13 @@ class HistogramCollector(Collector):
 
     def __init__(self, name: str, documentation: str) -> None:
         self.name, self.documentation = name, documentation
-        # Keyed by the result's value: an enum member hashes in Python code, a str does not.
-        self._by_key: dict[tuple[HostPort, str], _Buckets] = {}
+        # Keyed by whether it worked, not by Result: the enum's hash and value are Python
+        # code, and a dial is observed for every connection.
+        self._by_key: dict[tuple[HostPort, bool], _Buckets] = {}
 
-    def observe(self, address: HostPort, result: Result, seconds: float) -> None:
+    def observe(self, address: HostPort, ok: bool, seconds: float) -> None:
         """Count one sample: a dict lookup, a bisect and two additions."""
-        key = (address, result.value)
+        key = (address, ok)
         buckets = self._by_key.get(key)
         if buckets is None:
             buckets = self._by_key[key] = _Buckets()
@@ -179,20 +180,22 @@ class HistogramCollector(Collector):
 
     def forget(self, address: HostPort) -> None:
         """Drop an endpoint's series (it left the pool): /metrics must not grow with churn."""
-        for result in Result:
-            self._by_key.pop((address, result.value), None)
+        for ok in (True, False):
+            self._by_key.pop((address, ok), None)
 
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=["endpoint", "result"])
         bounds = [*(str(float(b)) for b in LATENCY_BUCKETS), "+Inf"]
-        for (address, result), b in sorted(self._by_key.items(), key=_endpoint_then_result):
+        for (address, ok), b in sorted(self._by_key.items(), key=_endpoint_then_result):
             cumulative = list(itertools.accumulate(b.counts))
             family.add_metric(
-                [str(address), result], list(zip(bounds, cumulative, strict=True)), b.sum
+                [str(address), Result.of(ok).value],
+                list(zip(bounds, cumulative, strict=True)),
+                b.sum,
             )
         yield family
 
 
-def _endpoint_then_result(item: tuple[tuple[HostPort, str], _Buckets]) -> tuple[str, str]:
-    (address, result), _ = item
-    return str(address), result
+def _endpoint_then_result(item: tuple[tuple[HostPort, bool], _Buckets]) -> tuple[str, str]:
+    (address, ok), _ = item
+    return str(address), Result.of(ok).value
