@@ -141,7 +141,8 @@ def at_revision(rev: str, into: Path) -> Target:
         timeout=60,
     )
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True, timeout=60)
-    return Target(f"kubeprism-splice@{short}", "kubeprism", "splice", source=tree)
+    # Never compiled (a plain git archive): plain Python, whatever KUBEPRISM_ENGINE says.
+    return Target(f"kubeprism-splice@{short}", "kubeprism", "splice", source=tree, engine="python")
 
 
 def available(targets: tuple[Target, ...]) -> tuple[list[Target], list[str]]:
