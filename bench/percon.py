@@ -44,7 +44,7 @@ WARMUP_SECONDS = 1.0
 WRK_TIMEOUT = "5s"
 # strace attaches to every thread within this, or the syscall window is given up.
 ATTACH_DEADLINE = 10.0
-TARGETS = ("kubeprism-splice", "haproxy", "nginx")
+TARGETS = ("kubeprism-splice", "kubeprism-python", "haproxy", "nginx")
 # load -> (Connection: close?, what one wrk request is)
 LOADS = {"churn": (True, "connection"), "keepalive": (False, "keep-alive request")}
 # After the straced load, the proxy counts as done when it is busy less than QUIET_SHARE of
