@@ -1,11 +1,11 @@
 """Which forwarding engine runs: the modules on the data path compiled by mypyc (plus the
-two calls in C_MODULES), or the same modules as plain Python.
+three calls in C_MODULES), or the same modules as plain Python.
 
 setup.py compiles the modules in COMPILED with mypyc and builds C_MODULES when it can (a C
 compiler and the Python headers at install time) and records a hash of each source next to
-them. Both engines are the same source, apart from fastio's two functions (C, and the same
-in Python), so they behave the same; the compiled one spends about a third fewer
-instructions per connection. At import the package picks one:
+them. Both engines are the same source, apart from fastio's three functions (C, and the same
+in Python), so they behave the same; the compiled one spends about half the user-space
+instructions per connection and per message. At import the package picks one:
 
 - KUBEPRISM_ENGINE=auto (the default): compiled if it was built from the sources that sit
   next to it, otherwise Python (a stale build in a checkout someone edited must not run);
@@ -49,8 +49,8 @@ COMPILED = (
     "kubeprism.forward.reactor",
     "kubeprism.forward.splice",
 )
-# Hand-written C, for what mypyc cannot make cheaper: the calls around each syscall of a
-# forwarded message (fastio.py has the same functions in Python).
+# Hand-written C, for what mypyc cannot make cheaper: the calls around the syscalls of each
+# accept and each forwarded message (fastio.py has the same functions in Python).
 C_MODULES = ("kubeprism.forward._fastio",)
 # mypyc's group: its shared library (GROUP + "__mypyc") holds the code of every module above.
 GROUP = "kubeprism._native"
