@@ -28,6 +28,8 @@ class BuildEngine(build_ext):
     def run(self) -> None:
         target = HERE / "kubeprism" if self.inplace else Path(self.build_lib) / "kubeprism"
         (target / native["MANIFEST"]).unlink(missing_ok=True)
+        for ext in self.extensions:  # a failed build must not ship an older one
+            Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
         super().run()
         built = [Path(self.get_ext_fullpath(e.name)).exists() for e in self.extensions]
         if built and all(built):
