@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import signal
 import socket
 import subprocess
@@ -92,16 +91,10 @@ def _recv(sock: socket.socket) -> bytes:
 def under_callgrind(target: targets.Target, upstream: int, work: Path) -> Iterator[Counter]:
     """kubeprism (from the target's source, else the installed package; on its engine)
     under callgrind."""
-    source = target.source
     port, admin = procs.free_port(), procs.free_port()
     cfg = work / f"kubeprism-{port}.yaml"
     cfg.write_text(targets.kubeprism_config(port, upstream, admin, "splice"))
     out = work / f"callgrind-{port}.out"
-    env = dict(os.environ)
-    if source is not None:
-        env["PYTHONPATH"] = str(source)
-    if target.engine:
-        env["KUBEPRISM_ENGINE"] = target.engine
     argv = [
         "valgrind",
         "--tool=callgrind",
@@ -110,7 +103,9 @@ def under_callgrind(target: targets.Target, upstream: int, work: Path) -> Iterat
         *(sys.executable, "-m", "kubeprism", "--log-level", "warning", "run"),
         *("--config", str(cfg)),
     ]
-    proc = subprocess.Popen(argv, env=env, cwd=source or None, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        argv, env=target.environment(), cwd=target.source, stderr=subprocess.DEVNULL
+    )
     try:
         procs.wait_until(lambda: backends.listening(port), START_DEADLINE, "kubeprism to listen")
         yield Counter(proc.pid, port, out)
@@ -160,9 +155,9 @@ class Counter:
         return total
 
 
-def churn(source: targets.Target, args: argparse.Namespace, upstream: int, work: Path) -> float:
+def churn(target: targets.Target, args: argparse.Namespace, upstream: int, work: Path) -> float:
     """Instructions per `Connection: close` connection, one at a time."""
-    with under_callgrind(source, upstream, work) as counter:
+    with under_callgrind(target, upstream, work) as counter:
         for _ in range(WARMUP):
             close_request(counter.port)
 
@@ -174,10 +169,10 @@ def churn(source: targets.Target, args: argparse.Namespace, upstream: int, work:
     return counter.total() / int(args.connections)
 
 
-def keepalive(source: targets.Target, args: argparse.Namespace, upstream: int, work: Path) -> float:
+def keepalive(target: targets.Target, args: argparse.Namespace, upstream: int, work: Path) -> float:
     """Instructions per request on one kept-alive connection, one at a time."""
     with (
-        under_callgrind(source, upstream, work) as counter,
+        under_callgrind(target, upstream, work) as counter,
         socket.create_connection(("127.0.0.1", counter.port), timeout=REQUEST_TIMEOUT) as sock,
     ):
         for _ in range(WARMUP):
@@ -192,12 +187,12 @@ def keepalive(source: targets.Target, args: argparse.Namespace, upstream: int, w
 
 
 def measure(
-    source: targets.Target, args: argparse.Namespace, upstream: int, work: Path
+    target: targets.Target, args: argparse.Namespace, upstream: int, work: Path
 ) -> dict[str, float]:
     """Instructions per churned connection and per kept-alive request (one process each)."""
     return {
-        "churn": churn(source, args, upstream, work),
-        "keepalive": keepalive(source, args, upstream, work),
+        "churn": churn(target, args, upstream, work),
+        "keepalive": keepalive(target, args, upstream, work),
     }
 
 

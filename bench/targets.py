@@ -61,17 +61,22 @@ class Target:
         port = procs.free_port()
         argv, ready = self._command(port, upstream, workdir)
         log = workdir / f"{self.name}.log"
-        env = dict(os.environ)
-        if self.source is not None:
-            env["PYTHONPATH"] = str(self.source)
-        if self.engine:
-            env["KUBEPRISM_ENGINE"] = self.engine
-        with procs.child(argv, log, "proxy", env) as proc:
+        with procs.child(argv, log, "proxy", self.environment()) as proc:
             accepts = _poll(proc, lambda: procs.port_accepts(port), f"{self.name} port")
             ready_s = accepts
             if ready is not None:
                 ready_s = _poll(proc, ready, f"{self.name} /readyz")
             yield Running(port, proc.pid, ready_s, accepts)
+
+    def environment(self) -> dict[str, str]:
+        """This process's environment, plus what makes kubeprism import this target's
+        package (PYTHONPATH) and run its engine (KUBEPRISM_ENGINE)."""
+        env = dict(os.environ)
+        if self.source is not None:
+            env["PYTHONPATH"] = str(self.source)
+        if self.engine:
+            env["KUBEPRISM_ENGINE"] = self.engine
+        return env
 
     def _command(self, port: int, upstream: int, workdir: Path) -> tuple[list[str], object]:
         if self.kind == "kubeprism":

@@ -38,7 +38,7 @@ RDHUP: Final = select.EPOLLRDHUP
 READ: Final = IN | RDHUP
 # Events that say the socket has an end to read (a FIN, a hang-up, an error).
 CLOSING: Final = RDHUP | HUP | ERR
-# What a reading side, and a writing side, is woken by (one global lookup each).
+# What a reading side, and a writing side, is woken by.
 _READABLE: Final = IN | CLOSING
 _WRITABLE: Final = OUT | ERR | HUP
 _WAITING: Final = IN | OUT
