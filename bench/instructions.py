@@ -1,7 +1,7 @@
 """User-space instructions per proxied connection and per kept-alive request (callgrind).
 
 Usage (from the repository root):
-  ./bench/run instructions [--compare REV] [--connections 1000] [--requests 4000]
+  ./bench/run instructions [--compare REV] [--connections 1000] [--requests 4000] [--keep DIR]
 
 Timings on a shared 2-core VM move 10-20 % between runs, which hides the few per cent a
 change to the Python path is worth. callgrind counts the instructions kubeprism executes in
@@ -53,6 +53,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compare", metavar="REV", help="also count kubeprism as of git revision REV")
     p.add_argument("--connections", type=int, default=1000, help="churn: connections counted")
     p.add_argument("--requests", type=int, default=4000, help="keep-alive: requests counted")
+    p.add_argument(
+        "--keep",
+        metavar="DIR",
+        type=Path,
+        help="keep callgrind's files in DIR (read them with callgrind_annotate: where it goes)",
+    )
     return p.parse_args(argv)
 
 
@@ -88,13 +94,15 @@ def _recv(sock: socket.socket) -> bytes:
 
 
 @contextlib.contextmanager
-def under_callgrind(target: targets.Target, upstream: int, work: Path) -> Iterator[Counter]:
+def under_callgrind(
+    target: targets.Target, upstream: int, work: Path, what: str
+) -> Iterator[Counter]:
     """kubeprism (from the target's source, else the installed package; on its engine)
-    under callgrind."""
+    under callgrind; its file is named after the target's engine and ``what`` is counted."""
     port, admin = procs.free_port(), procs.free_port()
     cfg = work / f"kubeprism-{port}.yaml"
     cfg.write_text(targets.kubeprism_config(port, upstream, admin, "splice"))
-    out = work / f"callgrind-{port}.out"
+    out = work / f"callgrind-{what}-{target.engine or ENGINE}-{port}.out"
     argv = [
         "valgrind",
         "--tool=callgrind",
@@ -107,7 +115,11 @@ def under_callgrind(target: targets.Target, upstream: int, work: Path) -> Iterat
         argv, env=target.environment(), cwd=target.source, stderr=subprocess.DEVNULL
     )
     try:
-        procs.wait_until(lambda: backends.listening(port), START_DEADLINE, "kubeprism to listen")
+        # Ready, not just listening: the rest of start-up (the health checker's imports and
+        # TLS context) would otherwise land in the counted window on a slow, busy machine.
+        procs.wait_until(
+            lambda: procs.http_status(admin, "/readyz") == 200, START_DEADLINE, "kubeprism ready"
+        )
         yield Counter(proc.pid, port, out)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -157,7 +169,7 @@ class Counter:
 
 def churn(target: targets.Target, args: argparse.Namespace, upstream: int, work: Path) -> float:
     """Instructions per `Connection: close` connection, one at a time."""
-    with under_callgrind(target, upstream, work) as counter:
+    with under_callgrind(target, upstream, work, "churn") as counter:
         for _ in range(WARMUP):
             close_request(counter.port)
 
@@ -172,7 +184,7 @@ def churn(target: targets.Target, args: argparse.Namespace, upstream: int, work:
 def keepalive(target: targets.Target, args: argparse.Namespace, upstream: int, work: Path) -> float:
     """Instructions per request on one kept-alive connection, one at a time."""
     with (
-        under_callgrind(target, upstream, work) as counter,
+        under_callgrind(target, upstream, work, "keepalive") as counter,
         socket.create_connection(("127.0.0.1", counter.port), timeout=REQUEST_TIMEOUT) as sock,
     ):
         for _ in range(WARMUP):
@@ -200,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="kubeprism-instr-") as tmp:
         work = Path(tmp)
+        if args.keep:
+            work = args.keep
+            work.mkdir(parents=True, exist_ok=True)
         sources = {
             f"working tree ({ENGINE})": targets.Target("tree", "kubeprism", "splice"),
             "working tree (python)": targets.Target("tree", "kubeprism", "splice", engine="python"),

@@ -11,6 +11,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <limits.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 
@@ -24,21 +25,64 @@ retry_after_signal(void)
     return errno == EINTR && PyErr_CheckSignals() == 0;
 }
 
-/* relay(src, dst, buffer) -> (read, sent): one recv from src into buffer, then one send of
- * what was read to dst. read is -1 when src had nothing (EAGAIN), 0 at EOF; sent is 0 when
- * dst is full. Any other error raises OSError (its errno subclass), as the socket calls do.
- * src and dst: sockets or fds. */
+/* (a, b) as a new tuple of two ints: Py_BuildValue parses its format string on every call,
+ * a tenth of a small message's cost. */
+static PyObject *
+pair(Py_ssize_t a, Py_ssize_t b)
+{
+    PyObject *first = PyLong_FromSsize_t(a);
+    if (first == NULL)
+        return NULL;
+    PyObject *second = PyLong_FromSsize_t(b);
+    if (second == NULL) {
+        Py_DECREF(first);
+        return NULL;
+    }
+    PyObject *tuple = PyTuple_New(2);
+    if (tuple == NULL) {
+        Py_DECREF(first);
+        Py_DECREF(second);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(tuple, 0, first);
+    PyTuple_SET_ITEM(tuple, 1, second);
+    return tuple;
+}
+
+/* An fd given as an int. The callers keep fds, not sockets: PyObject_AsFileDescriptor on a
+ * socket calls its fileno() method, a quarter of a small message's cost in user space. */
+static int
+fd_arg(PyObject *arg)
+{
+    if (!PyLong_Check(arg)) {
+        PyErr_Format(PyExc_TypeError, "an fd must be an int, not %.100s", Py_TYPE(arg)->tp_name);
+        return -1;
+    }
+    long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return -1;
+    if (fd < 0 || fd > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "an fd must be 0..%d, not %ld", INT_MAX, fd);
+        return -1;
+    }
+    return (int)fd;
+}
+
+/* relay(src_fd, dst_fd, buffer) -> (read, sent): one recv from src into buffer, then one
+ * send of what was read to dst. read is -1 when src had nothing (EAGAIN), 0 at EOF; sent is
+ * 0 when dst is full. Any other error raises OSError (its errno subclass), as the socket
+ * calls do. */
 static PyObject *
 relay(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "relay(src, dst, buffer) takes 3 arguments");
+        PyErr_SetString(PyExc_TypeError, "relay(src_fd, dst_fd, buffer) takes 3 arguments");
         return NULL;
     }
-    int src = PyObject_AsFileDescriptor(args[0]);
+    int src = fd_arg(args[0]);
     if (src < 0)
         return NULL;
-    int dst = PyObject_AsFileDescriptor(args[1]);
+    int dst = fd_arg(args[1]);
     if (dst < 0)
         return NULL;
     Py_buffer buf;
@@ -62,7 +106,7 @@ relay(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto error;
     }
     PyBuffer_Release(&buf);
-    return Py_BuildValue("(nn)", (Py_ssize_t)n, (Py_ssize_t)sent);
+    return pair((Py_ssize_t)n, (Py_ssize_t)sent);
 error:
     PyBuffer_Release(&buf);
     if (!PyErr_Occurred())
@@ -70,16 +114,16 @@ error:
     return NULL;
 }
 
-/* poll_now(epoll, maxevents) -> [(fd, events), ...]: what select.epoll.poll(0, maxevents)
+/* poll_now(epoll_fd, maxevents) -> [(fd, events), ...]: what select.epoll.poll(0, maxevents)
  * returns, without waiting. */
 static PyObject *
 poll_now(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "poll_now(epoll, maxevents) takes 2 arguments");
+        PyErr_SetString(PyExc_TypeError, "poll_now(epoll_fd, maxevents) takes 2 arguments");
         return NULL;
     }
-    int epfd = PyObject_AsFileDescriptor(args[0]);
+    int epfd = fd_arg(args[0]);
     if (epfd < 0)
         return NULL;
     long wanted = PyLong_AsLong(args[1]);
@@ -100,7 +144,7 @@ poll_now(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (list == NULL)
         return NULL;
     for (int i = 0; i < n; i++) {
-        PyObject *item = Py_BuildValue("(iI)", events[i].data.fd, events[i].events);
+        PyObject *item = pair(events[i].data.fd, (Py_ssize_t)events[i].events);
         if (item == NULL) {
             Py_DECREF(list);
             return NULL;
@@ -111,8 +155,9 @@ poll_now(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 }
 
 /* accept(listener) -> fd: accept4 with SOCK_NONBLOCK | SOCK_CLOEXEC, so the new socket
- * needs no ioctl to become non-blocking. EAGAIN raises BlockingIOError, any other error
- * OSError, as socket.accept() does. */
+ * needs no ioctl to become non-blocking. -1 when no connection is waiting: every burst of
+ * accepts ends that way, and an exception costs more than the accept. Any other error
+ * raises OSError, as socket.accept() does. */
 static PyObject *
 accept_nonblocking(PyObject *module, PyObject *listener)
 {
@@ -123,6 +168,8 @@ accept_nonblocking(PyObject *module, PyObject *listener)
     do {
         fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
     } while (fd < 0 && retry_after_signal());
+    if (fd < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+        return PyLong_FromLong(-1);
     if (fd < 0)
         return PyErr_Occurred() ? NULL : PyErr_SetFromErrno(PyExc_OSError);
     return PyLong_FromLong(fd);
@@ -130,11 +177,11 @@ accept_nonblocking(PyObject *module, PyObject *listener)
 
 static PyMethodDef methods[] = {
     {"accept", (PyCFunction)accept_nonblocking, METH_O,
-     "accept(listener) -> fd: a new connection's socket, non-blocking and close-on-exec."},
+     "accept(listener) -> fd: a new connection's socket, non-blocking and close-on-exec; -1 if none."},
     {"relay", (PyCFunction)(void (*)(void))relay, METH_FASTCALL,
-     "relay(src, dst, buffer) -> (read, sent): one recv, then one send of what it read."},
+     "relay(src_fd, dst_fd, buffer) -> (read, sent): one recv, then one send of what it read."},
     {"poll_now", (PyCFunction)(void (*)(void))poll_now, METH_FASTCALL,
-     "poll_now(epoll, maxevents) -> [(fd, events)]: select.epoll.poll(0, maxevents)."},
+     "poll_now(epoll_fd, maxevents) -> [(fd, events)]: select.epoll.poll(0, maxevents)."},
     {NULL, NULL, 0, NULL},
 };
 

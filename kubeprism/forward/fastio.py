@@ -1,15 +1,19 @@
 """The calls every forwarded message makes, relay (one recv, then one send of what it read)
-and poll_now (an epoll poll that does not wait), and accept (a non-blocking socket at once).
+and a poller (an epoll poll that does not wait), and accept (a non-blocking socket at once).
 
 The compiled engine takes them from ``_fastio.c``, which skips what CPython's socket and
 epoll calls do around a syscall that cannot block (release and retake the GIL, generic
 argument and result handling): a third of a small message's user-space cost. These Python
 versions are the same functions for the engine without a compiler; tests/test_fastio.py
 holds both to the same results.
+
+They take fds, not socket objects: the C side would otherwise call each socket's fileno()
+method, a quarter of a small message's user-space cost.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import select
 import socket
@@ -18,45 +22,54 @@ from collections.abc import Callable
 from kubeprism import ENGINE
 
 
-def relay_py(src: socket.socket, dst: socket.socket, buffer: memoryview) -> tuple[int, int]:
-    """One recv from ``src`` into ``buffer``, then one send of what it read to ``dst``:
-    (read, sent). read is -1 when src has nothing (EAGAIN) and 0 at EOF; sent is 0 when dst
-    is full. Other errors raise OSError."""
+def relay_py(src_fd: int, dst_fd: int, buffer: memoryview) -> tuple[int, int]:
+    """One read from socket ``src_fd`` into ``buffer``, then one write of what it read to
+    socket ``dst_fd``: (read, sent). read is -1 when src has nothing (EAGAIN) and 0 at EOF;
+    sent is 0 when dst is full. Other errors raise OSError (a reset peer: EPIPE, not
+    SIGPIPE, which the interpreter ignores)."""
     try:
-        n = src.recv_into(buffer)
+        n = os.readv(src_fd, (buffer,))
     except BlockingIOError:
         return -1, 0
     if n == 0:
         return 0, 0
     try:
-        return n, dst.send(buffer[:n])
+        return n, os.write(dst_fd, buffer[:n])
     except BlockingIOError:
         return n, 0
 
 
 def accept_py(listener: socket.socket) -> int:
-    """A new connection's fd, non-blocking and close-on-exec (BlockingIOError when none
-    is waiting)."""
-    # socket.accept() without its wrapper: it converts family and type to enums and asks
-    # for timeouts, five Python calls per connection.
-    fd, _peer = listener._accept()  # type: ignore[attr-defined]
+    """A new connection's fd, non-blocking and close-on-exec; -1 when none is waiting (an
+    exception per accept burst cost more than the accept)."""
+    try:
+        # socket.accept() without its wrapper: it converts family and type to enums and
+        # asks for timeouts, five Python calls per connection.
+        fd, _peer = listener._accept()  # type: ignore[attr-defined]
+    except BlockingIOError:
+        return -1
     os.set_blocking(fd, False)
     return int(fd)
 
 
-def poll_now_py(ep: select.epoll, maxevents: int) -> list[tuple[int, int]]:
-    """``ep.poll(0, maxevents)``: the events ready now, without waiting."""
-    return ep.poll(0, maxevents)
-
-
-Relay = Callable[[socket.socket, socket.socket, memoryview], tuple[int, int]]
-PollNow = Callable[[select.epoll, int], list[tuple[int, int]]]
+Relay = Callable[[int, int, memoryview], tuple[int, int]]
+Poller = Callable[[], list[tuple[int, int]]]
 Accept = Callable[[socket.socket], int]
 
+
+def poller_py(ep: select.epoll, maxevents: int) -> Poller:
+    """``ep.poll(0, maxevents)`` as a call without arguments: the events ready now."""
+    return functools.partial(ep.poll, 0, maxevents)
+
+
 relay: Relay = relay_py
-poll_now: PollNow = poll_now_py
 accept: Accept = accept_py
+poller: Callable[[select.epoll, int], Poller] = poller_py
 if ENGINE == "native":  # the package checked that the extension was built (native.py)
     from kubeprism.forward import _fastio
 
-    relay, poll_now, accept = _fastio.relay, _fastio.poll_now, _fastio.accept
+    def poller_c(ep: select.epoll, maxevents: int) -> Poller:
+        """The C poll, bound to ``ep``'s fd once: no fileno() call per poll."""
+        return functools.partial(_fastio.poll_now, ep.fileno(), maxevents)
+
+    relay, accept, poller = _fastio.relay, _fastio.accept, poller_c

@@ -101,13 +101,14 @@ class Acceptor:
     def _on_accept(self, lsock: socket.socket, family: int) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
-                # Non-blocking from accept4(): the socket object is told so, no ioctl.
-                client = socket.socket(family, _NONBLOCKING_STREAM, 0, accept(lsock))
-            except BlockingIOError:
-                return
+                fd = accept(lsock)
             except OSError as exc:
                 self._accept_failed(lsock, exc)
                 return
+            if fd < 0:  # none waiting
+                return
+            # Non-blocking from accept4(): the socket object is told so, no ioctl.
+            client = socket.socket(family, _NONBLOCKING_STREAM, 0, fd)
             if self._trouble:
                 self._trouble = False
                 logger.info("accepting connections again")

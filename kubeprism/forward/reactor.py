@@ -25,7 +25,7 @@ import socket
 from collections.abc import Callable
 from typing import Final, Protocol
 
-from kubeprism.forward.fastio import poll_now
+from kubeprism.forward.fastio import Poller, poller
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,16 @@ ErrorHandler = Callable[[int, Exception], None]
 class Reactor:
     """An epoll set driven from the event loop; handlers run with the events of their fd."""
 
-    __slots__ = ("_closing", "_ep", "_handlers", "_loop", "_masks", "_on_error", "polls")
+    __slots__ = (
+        "_closing",
+        "_ep",
+        "_handlers",
+        "_loop",
+        "_masks",
+        "_on_error",
+        "_poll_now",
+        "polls",
+    )
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, on_error: ErrorHandler | None = None
@@ -61,6 +70,7 @@ class Reactor:
         self._on_error = on_error or _log_error
         # Opened with the first registration: a proxy that never serves holds no fd.
         self._ep: select.epoll | None = None
+        self._poll_now: Poller | None = None  # polls _ep without waiting
         self._handlers: dict[int, Handler] = {}
         self._masks: dict[int, int] = {}  # what the kernel's set holds for each fd
         # fds closed during the poll being dispatched: an event already read for one of
@@ -70,6 +80,7 @@ class Reactor:
 
     def _open(self) -> select.epoll:
         ep = self._ep = select.epoll()  # close-on-exec by default
+        self._poll_now = poller(ep, MAX_EVENTS)
         self._loop.add_reader(ep.fileno(), self._poll)
         return ep
 
@@ -124,12 +135,13 @@ class Reactor:
         return len(self._handlers)
 
     def _poll(self) -> None:
-        assert self._ep is not None  # polled only while open
+        poll_now = self._poll_now
+        assert poll_now is not None and self._ep is not None  # polled only while open
         self.polls += 1
         handlers, closing = self._handlers, self._closing
         if closing:  # closed outside a poll (a timer, a health verdict): nothing read yet
             closing.clear()
-        for fd, events in poll_now(self._ep, MAX_EVENTS):
+        for fd, events in poll_now():
             if fd in closing:
                 continue
             handler = handlers.get(fd)
@@ -151,7 +163,7 @@ class Reactor:
     def close(self) -> None:
         """Stop polling and close the set (every socket must be closed or given away); a
         later registration opens a new one."""
-        ep, self._ep = self._ep, None
+        ep, self._ep, self._poll_now = self._ep, None, None
         if ep is not None:
             self._loop.remove_reader(ep.fileno())
             ep.close()

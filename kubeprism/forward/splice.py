@@ -305,7 +305,7 @@ class Pump:
     def _copy_in(self, drain: int = 0) -> bool:
         """One recv from src; True if src may have more to read right now (``drain``:
         a FIN or an error is known to follow the data)."""
-        n, sent = relay(self.src, self.dst, self._scratch)
+        n, sent = relay(self.src_fd, self.dst_fd, self._scratch)
         if n <= 0:  # -1: nothing to read after all
             if n == 0:
                 self._eof()
