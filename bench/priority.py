@@ -652,9 +652,10 @@ def _node(mode: str, venv: Path, scratch: Path) -> Iterator[SystemdContainer]:
 
 def _systemd_modes(args: argparse.Namespace, work: Path, out: Path) -> dict[str, Any]:
     """Each container mode in turn: boot, every variant `reps` times (interleaved)."""
+    import image
     import nspawn
 
-    wheels = nspawn.build_wheelhouse(work / "wheels")
+    wheels = nspawn.build_wheelhouse(work / "wheels", image.build_image_wheel(work / "image"))
     (work / "venv").mkdir()
     venv = nspawn.install_venv(work / "venv", wheels)
     results: dict[str, Any] = {}

