@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 import tempfile
@@ -36,7 +37,14 @@ Config: {config}    Stop with Ctrl-C.
 """
 
 
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
+    # `kill` (SIGTERM) stops the demo like Ctrl-C does: the daemon drains, the stand-ins
+    # stop, nothing is left running.
+    signal.signal(signal.SIGTERM, _interrupt)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=7445)
     parser.add_argument("--admin-port", type=int, default=7446)
@@ -48,8 +56,15 @@ def main() -> int:
         StandinProcess(standin_argv("B", pki.server_cert, pki.server_key)) as b,
     ):
         config = work / "kubeprism.yaml"
-        values = {"port": args.port, "admin": args.admin_port, "a": a.port, "b": b.port,
-                  "ca": pki.ca, "pid_a": a.pid, "config": config}
+        values = {
+            "port": args.port,
+            "admin": args.admin_port,
+            "a": a.port,
+            "b": b.port,
+            "ca": pki.ca,
+            "pid_a": a.pid,
+            "config": config,
+        }
         config.write_text(CONFIG.format(**values))
         print(TRY.format(**values), flush=True)
         cmd = [sys.executable, "-m", "kubeprism", "run", "--config", str(config)]
@@ -57,7 +72,8 @@ def main() -> int:
         try:
             return daemon.wait()
         except KeyboardInterrupt:
-            # Ctrl-C reaches the daemon too (same process group); wait for its drain.
+            # Ctrl-C reaches the daemon too (same process group), SIGTERM only this
+            # process: either way the daemon is told once more and drains.
             daemon.terminate()
             return daemon.wait()
 
