@@ -4,7 +4,6 @@ serves /version through kubeprism over real TLS, and stopping it leaves nothing 
 
 from __future__ import annotations
 
-import http.client
 import os
 import re
 import signal
@@ -15,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from daemon_proc import http_get
 from util import free_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,15 +25,11 @@ STOP_TIMEOUT = 30.0
 
 
 def _ready(admin: int) -> bool:
-    """True once kubeprism's admin port says ready."""
-    conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=2)
+    """True once kubeprism's admin port says ready (False while nothing answers)."""
     try:
-        conn.request("GET", "/readyz")
-        return conn.getresponse().status == 200
+        return http_get("127.0.0.1", admin, "/readyz", timeout=2)[0] == 200
     except OSError:
         return False
-    finally:
-        conn.close()
 
 
 def _version_over_tls(port: int, ca: str) -> bytes:

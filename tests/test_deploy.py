@@ -49,17 +49,14 @@ def tool(name: str, package: str) -> str:
     return found
 
 
-def run(
-    *argv: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run a tool, capturing its output (``env``: added to this process's environment)."""
+def run(*argv: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a tool, capturing its output."""
     return subprocess.run(
         [str(a) for a in argv],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
         cwd=cwd,
-        env=None if env is None else {**os.environ, **env},
         check=False,
     )
 
