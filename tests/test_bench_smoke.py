@@ -24,7 +24,7 @@ TOOLS = ["haproxy", "nginx", "iperf3", "sockperf", "wrk"]
 SMOKE_TIMEOUT = 240
 # What each scenario must report, for every target or only for the proxies.
 EXPECTED = {
-    "bulk": ({"bulk_gbps"}, {"cpu_s_per_gib"}),
+    "bulk": ({"bulk_gbps", "machine_cpu_s_per_gib"}, {"cpu_s_per_gib"}),
     "pingpong": ({"pingpong_p50_us", "pingpong_p99_us"}, set()),
     "keepalive": ({"keepalive_rps"}, set()),
     "churn": ({"churn_cps"}, set()),

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from netns import NetNS
 from util import CountingEpoll, count_epoll, count_fds, eventually, tcp_pair
 
 from kubeprism.forward import splice
@@ -36,6 +37,8 @@ MODES: list[Mode] = ["splice", "copy"]
 MiB = 1 << 20
 # Small kernel buffers on the pump's output leg, so a non-reading sink stalls it quickly.
 SMALL_BUFFER = 64 * 1024
+# What SO_SNDBUF reads back once the pump fixed it: Linux doubles the value set (socket(7)).
+BOUNDED = 2 * splice.LOOPBACK_SEND_BUFFER
 
 
 @dataclass
@@ -343,3 +346,66 @@ async def test_ebadf_from_splice_is_a_bug_that_closes_not_a_fallback(
         assert r.ctx.fallbacks == 0
     assert any(m.startswith("BUG: ") for m in caplog.messages)
     assert not any("splice failed" in m for m in caplog.messages)
+
+
+def send_buffer(sock: socket.socket) -> int:
+    """The kernel's current send buffer size of ``sock``."""
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+
+
+@pytest.mark.parametrize(
+    ("mode", "size", "bounded"),
+    [("splice", 4 * MiB, True), ("splice", 1024, False), ("copy", 4 * MiB, False)],
+)
+async def test_only_bulk_spliced_to_a_loopback_peer_fixes_its_send_buffer(
+    mode: Mode, size: int, bounded: bool
+) -> None:
+    """Bulk spliced to a peer on this host gets splice.LOOPBACK_SEND_BUFFER; small traffic
+    and the copy path (which reads 256 KiB at a time) keep the kernel's autotuning."""
+    data = payload(size)
+    async with rig(mode) as r:
+        sender = asyncio.create_task(r.send(data, eof=True), name="feeder")
+        digest, count = await asyncio.wait_for(r.digest_to_eof(chunk=256 * 1024), 20)
+        await sender
+        assert (digest, count) == (hashlib.sha256(data).hexdigest(), size)
+        await eventually(lambda: r.done)
+        assert r.done == [(r.pump, None)]
+        assert (send_buffer(r.dst) == BOUNDED) is bounded, send_buffer(r.dst)
+        assert send_buffer(r.src) != BOUNDED  # the side it reads from is left alone
+
+
+def test_the_send_buffer_is_fixed_for_loopback_peers_only(netns: NetNS) -> None:
+    """A fixed buffer caps a connection at buffer / RTT: a peer elsewhere keeps autotuning.
+    The namespace's lo gets an address outside 127.0.0.0/8 to stand for one."""
+    netns.run(["ip", "addr", "add", "10.255.0.1/32", "dev", "lo"])
+    pairs = {
+        "10.255.0.1": netns.call_inside(lambda: tcp_pair_on("10.255.0.1", socket.AF_INET)),
+        "127.0.0.1": tcp_pair_on("127.0.0.1", socket.AF_INET),
+        "::1": tcp_pair_on("::1", socket.AF_INET6),
+    }
+    try:
+        for host, (client, server) in pairs.items():
+            for sock in (client, server):
+                before = send_buffer(sock)
+                splice.bound_loopback_send_buffer(sock)
+                expected = before if host == "10.255.0.1" else BOUNDED
+                assert send_buffer(sock) == expected, (host, before)
+    finally:
+        for pair in pairs.values():
+            for sock in pair:
+                sock.close()
+    with socket.socket() as unconnected:  # no peer (yet, or any more): nothing to do
+        before = send_buffer(unconnected)
+        splice.bound_loopback_send_buffer(unconnected)
+        assert send_buffer(unconnected) == before
+
+
+def tcp_pair_on(host: str, family: int) -> tuple[socket.socket, socket.socket]:
+    """A connected TCP pair on ``host`` (in the calling thread's network namespace)."""
+    with socket.socket(family) as listener:
+        listener.bind((host, 0))
+        listener.listen(1)
+        client = socket.socket(family)
+        client.connect(listener.getsockname())
+        server, _ = listener.accept()
+    return client, server

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from kubeprism.base.net import HostPort, ip_or_none
+from kubeprism.base.net import HostPort, ip_or_none, is_loopback_host
 
 T = TypeVar("T")
 Parser = Callable[[str, object], T]
@@ -125,8 +125,7 @@ def parse_host_port(key: str, value: object, *, require_ip: bool = False) -> Hos
 
 def is_loopback(address: HostPort) -> bool:
     """True for 127.0.0.0/8 and ::1."""
-    ip = ip_or_none(address.host)
-    return ip is not None and ip.is_loopback
+    return is_loopback_host(address.host)
 
 
 def _listen_list(key: str, value: object) -> tuple[HostPort, ...]:

@@ -17,7 +17,7 @@ import socket
 from collections.abc import Callable
 from typing import Final, Literal
 
-from kubeprism.base.net import SPLICE_UNSUPPORTED_ERRNOS, is_fd_bug
+from kubeprism.base.net import SPLICE_UNSUPPORTED_ERRNOS, is_fd_bug, is_loopback_host
 from kubeprism.forward.fastio import relay
 from kubeprism.forward.pipes import Pipe, PipePool, close_pipe
 from kubeprism.forward.reactor import CLOSING, OUT, READ, Port, Reactor
@@ -32,6 +32,17 @@ SPLICE_AFTER: Final = 64 * 1024
 # Reads per readiness event before yielding to the other connections; level-triggered,
 # the reactor reports the socket again at its next poll if more is waiting.
 READS_PER_WAKEUP = 16  # not Final: a test varies it (Final ones are inlined when compiled)
+# A splicing pump's destination send buffer when the peer is on this host, fixed instead
+# of autotuned (the kernel doubles it: 256 KiB in all). Autotuned it grows towards
+# tcp_wmem's 4 MiB, and with megabytes queued on loopback the reader copies them out of
+# memory instead of cache, and our queue is pushed on by the reader's ACKs, so our sending
+# runs in the reader's time slice (kubelet's, on a node). Bounded, what is in flight stays
+# in the CPU's L2 and we send in our own time. Measured with bench bulk (iperf3, 2-core
+# VM): the whole machine's CPU per GiB forwarded 0.81 -> 0.60 s, throughput 1.1x -> 1.7x
+# haproxy's; 64 and 256 KiB were slower. Only once a pump splices: the copy path reads
+# 256 KiB at a time and would send into a full buffer. Never for a remote peer: a fixed
+# buffer caps a connection at buffer / RTT (256 KiB over 10 ms is 200 Mb/s).
+LOOPBACK_SEND_BUFFER: Final = 128 * 1024
 _SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 Mode = Literal["splice", "copy"]
@@ -44,6 +55,14 @@ def splice_supported() -> bool:
 
 
 _SPLICE: Final = splice_supported()
+
+
+def bound_loopback_send_buffer(sock: socket.socket) -> None:
+    """Fix the send buffer of ``sock`` at LOOPBACK_SEND_BUFFER if its peer is on this
+    host (two syscalls, once per connection that turns to bulk)."""
+    with contextlib.suppress(OSError):  # not connected any more: the next splice says so
+        if is_loopback_host(sock.getpeername()[0]):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOOPBACK_SEND_BUFFER)
 
 
 class ByteCounter:
@@ -312,6 +331,7 @@ class Pump:
             return False
         if n >= SPLICE_AFTER and self.mode == "splice":
             self._splicing = True
+            bound_loopback_send_buffer(self.dst)
         self.moved += sent  # _count() inlined: this runs for every read
         self.counter.value += sent
         if sent < n:
