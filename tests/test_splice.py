@@ -379,9 +379,9 @@ def test_the_send_buffer_is_fixed_for_loopback_peers_only(netns: NetNS) -> None:
     The namespace's lo gets an address outside 127.0.0.0/8 to stand for one."""
     netns.run(["ip", "addr", "add", "10.255.0.1/32", "dev", "lo"])
     pairs = {
-        "10.255.0.1": netns.call_inside(lambda: tcp_pair_on("10.255.0.1", socket.AF_INET)),
-        "127.0.0.1": tcp_pair_on("127.0.0.1", socket.AF_INET),
-        "::1": tcp_pair_on("::1", socket.AF_INET6),
+        "10.255.0.1": netns.call_inside(lambda: tcp_pair(host="10.255.0.1")),
+        "127.0.0.1": tcp_pair(),
+        "::1": tcp_pair(host="::1"),
     }
     try:
         for host, (client, server) in pairs.items():
@@ -398,14 +398,3 @@ def test_the_send_buffer_is_fixed_for_loopback_peers_only(netns: NetNS) -> None:
         before = send_buffer(unconnected)
         splice.bound_loopback_send_buffer(unconnected)
         assert send_buffer(unconnected) == before
-
-
-def tcp_pair_on(host: str, family: int) -> tuple[socket.socket, socket.socket]:
-    """A connected TCP pair on ``host`` (in the calling thread's network namespace)."""
-    with socket.socket(family) as listener:
-        listener.bind((host, 0))
-        listener.listen(1)
-        client = socket.socket(family)
-        client.connect(listener.getsockname())
-        server, _ = listener.accept()
-    return client, server

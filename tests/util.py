@@ -207,12 +207,16 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 5.0) -> int:
     return proc.returncode
 
 
-def tcp_pair(rcvbuf: int | None = None) -> tuple[socket.socket, socket.socket]:
-    """A connected non-blocking TCP pair on 127.0.0.1: (connecting side, accepted side)."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
+def tcp_pair(
+    rcvbuf: int | None = None, host: str = "127.0.0.1"
+) -> tuple[socket.socket, socket.socket]:
+    """A connected non-blocking TCP pair on ``host`` (in the calling thread's network
+    namespace): (connecting side, accepted side)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as listener:
+        listener.bind((host, 0))
         listener.listen(1)
-        client = socket.socket()
+        client = socket.socket(family)
         if rcvbuf is not None:  # before connect: the window scale is fixed by the SYN
             client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         client.connect(listener.getsockname())

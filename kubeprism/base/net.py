@@ -5,7 +5,6 @@ addresses, the address family of a host, and the one errno policy.
 from __future__ import annotations
 
 import errno
-import functools
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -37,13 +36,8 @@ def ip_or_none(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
         return None
 
 
-@functools.lru_cache(maxsize=1024)
 def is_loopback_host(host: str) -> bool:
-    """True for an IP literal in 127.0.0.0/8 or ::1; a name is never taken for one.
-
-    Cached because the dialer asks once per connection: parsing an address costs more
-    than the rest of opening the socket. A host is a short string; 1024 of them bound it.
-    """
+    """True for an IP literal in 127.0.0.0/8 or ::1; a name is never taken for one."""
     ip = ip_or_none(host)
     return ip is not None and ip.is_loopback
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kubeprism.base.atomic import read_limited, write_atomically
-from kubeprism.base.net import HostPort, ip_or_none
+from kubeprism.base.net import HostPort, ip_or_none, is_loopback_host
 from kubeprism.config import UpstreamSpec
 from kubeprism.core.endpoint import EndpointSpec
 from kubeprism.core.upstream import specs_from
@@ -138,7 +138,7 @@ class EndpointFilter:
         if address in self.own:
             return True
         # A wildcard listener is reachable on every local address; loopback is the sure case.
-        return address.port in self._own_ports and _is_loopback_host(address.host)
+        return address.port in self._own_ports and is_loopback_host(address.host)
 
 
 # Cached: a list is parsed, then screened, again on every change (~20 us each).
@@ -160,11 +160,6 @@ def _fixed_refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | N
 def _is_unspecified(host: str) -> bool:
     ip = _ip(host)
     return ip is not None and ip.is_unspecified
-
-
-def _is_loopback_host(host: str) -> bool:
-    ip = _ip(host)
-    return ip is not None and ip.is_loopback
 
 
 def _is_loopback_net(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:

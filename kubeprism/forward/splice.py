@@ -38,7 +38,7 @@ READS_PER_WAKEUP = 16  # not Final: a test varies it (Final ones are inlined whe
 # memory instead of cache, and our queue is pushed on by the reader's ACKs, so our sending
 # runs in the reader's time slice (kubelet's, on a node). Bounded, what is in flight stays
 # in the CPU's L2 and we send in our own time. Measured with bench bulk (iperf3, 2-core
-# VM): the whole machine's CPU per GiB forwarded 0.81 -> 0.60 s, throughput 1.1x -> 1.7x
+# VM): the whole machine's CPU per GiB forwarded 0.77 -> 0.62 s, throughput 1.2x -> 1.8x
 # haproxy's; 64 and 256 KiB were slower. Only once a pump splices: the copy path reads
 # 256 KiB at a time and would send into a full buffer. Never for a remote peer: a fixed
 # buffer caps a connection at buffer / RTT (256 KiB over 10 ms is 200 Mb/s).
