@@ -7,10 +7,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import math
 import os
 import select
 import socket
 import struct
+import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -22,9 +25,9 @@ Relay = Callable[[socket.socket, socket.socket, memoryview], tuple[int, int]]
 Pairs = Callable[[], tuple[socket.socket, socket.socket]]
 
 
-def c_poller(ep: select.epoll, maxevents: int) -> fastio.Poller:
+def c_poller(ep: select.epoll, maxevents: int, timeout: float = 0.0) -> fastio.Poller:
     """What the compiled engine's fastio.poller gives (defined only there)."""
-    return lambda: _fastio.poll_now(ep.fileno(), maxevents)
+    return lambda: _fastio.poll(ep.fileno(), maxevents, math.ceil(timeout * 1000))
 
 
 POLLERS = {"c": c_poller, "python": fastio.poller_py}
@@ -142,11 +145,49 @@ def test_a_poller_reports_what_epoll_poll_reports(impl: str) -> None:
         b.close()
 
 
-def test_poll_now_rejects_a_bad_bound() -> None:
+def _in_epoll_wait(tid: int) -> bool:
+    with open(f"/proc/self/task/{tid}/wchan") as f:
+        return "epoll" in f.read()
+
+
+@pytest.mark.parametrize("impl", sorted(POLLERS))
+def test_a_waiting_poller_gives_other_threads_their_turn(impl: str) -> None:
+    """A poll with a timeout returns the event that comes during its wait, and lets other
+    threads run meanwhile: here the very thread that makes the event (the C poll with a
+    zero timeout keeps the GIL; one that waits must not)."""
+    a, b = socket.socketpair()
+    ep = select.epoll()
+    waiter = threading.get_native_id()
+    sent: list[float] = []
+
+    def send_once_waiting() -> None:
+        deadline = time.monotonic() + 10.0
+        while not _in_epoll_wait(waiter) and time.monotonic() < deadline:
+            time.sleep(0.001)  # polls the other thread's state, with a deadline
+        b.send(b"x")
+        sent.append(time.monotonic())
+
+    try:
+        ep.register(a.fileno(), select.EPOLLIN)
+        wait = POLLERS[impl](ep, 8, 20.0)
+        sender = threading.Thread(target=send_once_waiting)
+        sender.start()
+        got = wait()
+        sender.join()
+        assert got == [(a.fileno(), select.EPOLLIN)] and sent
+    finally:
+        ep.close()
+        a.close()
+        b.close()
+
+
+def test_the_c_poll_rejects_a_bad_bound_or_timeout() -> None:
     ep = select.epoll()
     try:
         with pytest.raises(ValueError, match=r"maxevents must be 1\.\.256"):
-            _fastio.poll_now(ep.fileno(), 0)
+            _fastio.poll(ep.fileno(), 0, 0)
+        with pytest.raises(ValueError, match=r"timeout_ms must be 0\.\."):
+            _fastio.poll(ep.fileno(), 1, -1)
     finally:
         ep.close()
 
@@ -159,7 +200,7 @@ def test_the_c_functions_take_fds_not_sockets() -> None:
         with pytest.raises(ValueError, match="an fd must be 0"):
             _fastio.relay(-1, b.fileno(), memoryview(bytearray(16)))
         with pytest.raises(OSError) as bad:
-            _fastio.poll_now(a.fileno(), 1)  # a socket is no epoll set
+            _fastio.poll(a.fileno(), 1, 0)  # a socket is no epoll set
         assert bad.value.errno == errno.EINVAL
     finally:
         a.close()
@@ -175,9 +216,9 @@ def test_the_compiled_engine_uses_the_c_functions() -> None:
     assert in_use == (c if kubeprism.ENGINE == "native" else python)
     ep = select.epoll()
     try:
-        bound = fastio.poller(ep, 8)
+        bound = fastio.poller(ep, 8, 0.0)
         assert isinstance(bound, functools.partial)
-        want = _fastio.poll_now if kubeprism.ENGINE == "native" else ep.poll
+        want = _fastio.poll if kubeprism.ENGINE == "native" else ep.poll
         assert bound.func == want
     finally:
         ep.close()

@@ -3,7 +3,8 @@
 What it promises: a registration lives as long as its socket (few epoll_ctl per
 connection), an event read for a socket closed meanwhile never reaches the socket that
 reuses its number, an error on a direction nobody waits for still ends the connection,
-and a hang-up nobody waits for is parked instead of reported again and again.
+a hang-up nobody waits for is parked instead of reported again and again, and after a
+wakeup it serves what comes on its own set first, yet never keeps the loop waiting.
 """
 
 from __future__ import annotations
@@ -143,4 +144,69 @@ async def test_a_reset_on_a_direction_nobody_waits_for_ends_it_at_once() -> None
         port.leave()
         for sock in (ours, listener):
             sock.close()
+        reactor.close()
+
+
+async def test_what_comes_while_it_lingers_is_served_before_the_loop_runs_again() -> None:
+    """After a wakeup with work the reactor waits on its own set (LINGER), not the loop's:
+    an event that comes meanwhile is served in the same turn, before a callback the first
+    handler gave the loop."""
+    loop = asyncio.get_running_loop()
+    reactor = Reactor(loop)
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    order: list[str] = []
+
+    def on_a(_events: int) -> None:
+        a.recv(16)
+        order.append("a")
+        loop.call_soon(order.append, "loop")
+        d.send(b"x")  # c is readable from now on
+
+    def on_c(_events: int) -> None:
+        c.recv(16)
+        order.append("c")
+
+    try:
+        reactor.watch(a.fileno(), IN, on_a)
+        reactor.watch(c.fileno(), IN, on_c)
+        b.send(b"x")
+        await eventually(lambda: len(order) == 3, message=f"order so far: {order}")
+        assert order == ["a", "c", "loop"]
+    finally:
+        for sock in (a, c):
+            reactor.forget(sock.fileno())
+        for sock in (a, b, c, d):
+            sock.close()
+        reactor.close()
+
+
+async def test_the_loop_gets_its_turn_while_events_keep_coming() -> None:
+    """A socket that stays readable (nobody reads it: level-triggered, it is reported at
+    every poll) keeps the reactor busy; the loop still runs its callbacks (HOLD)."""
+    loop = asyncio.get_running_loop()
+    reactor = Reactor(loop)
+    a, b = socket.socketpair()
+    served = [0]
+    turns: list[int] = []
+
+    def on_a(_events: int) -> None:
+        served[0] += 1
+
+    def loop_turn() -> None:
+        turns.append(served[0])
+        if len(turns) < 3:
+            loop.call_soon(loop_turn)
+
+    try:
+        b.send(b"never read")
+        reactor.watch(a.fileno(), IN, on_a)
+        await eventually(lambda: served[0] > 0)
+        loop.call_soon(loop_turn)
+        await eventually(lambda: len(turns) == 3, message="the reactor kept the loop waiting")
+        assert turns[-1] > turns[0]  # the reactor served in between: both had their turns
+    finally:
+        reactor.forget(a.fileno())
+        a.close()
+        b.close()
         reactor.close()

@@ -5,8 +5,9 @@
  * instructions a time, a third of a small message's cost in user space) and builds each
  * call's arguments and results through generic layers. On a non-blocking socket and an
  * epoll_wait with a zero timeout nothing can block, so there is nothing to release the GIL
- * for. fastio.py holds the same functions in Python (the engine without a compiler);
- * tests/test_fastio.py holds both to the same results, errors included.
+ * for (a poll that does wait releases it). fastio.py holds the same functions in Python
+ * (the engine without a compiler); tests/test_fastio.py holds both to the same results,
+ * errors included.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -114,13 +115,15 @@ error:
     return NULL;
 }
 
-/* poll_now(epoll_fd, maxevents) -> [(fd, events), ...]: what select.epoll.poll(0, maxevents)
- * returns, without waiting. */
+/* poll(epoll_fd, maxevents, timeout_ms) -> [(fd, events), ...]: what
+ * select.epoll.poll(timeout_ms / 1000, maxevents) returns. A zero timeout cannot block and
+ * keeps the GIL (the poll after every wakeup); a wait releases it, as select.epoll.poll
+ * does, so that other threads run meanwhile. */
 static PyObject *
-poll_now(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+poll_events(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "poll_now(epoll_fd, maxevents) takes 2 arguments");
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "poll(epoll_fd, maxevents, timeout_ms) takes 3 arguments");
         return NULL;
     }
     int epfd = fd_arg(args[0]);
@@ -133,10 +136,23 @@ poll_now(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_Format(PyExc_ValueError, "maxevents must be 1..%d, not %ld", MAX_EVENTS, wanted);
         return NULL;
     }
+    long timeout = PyLong_AsLong(args[2]);
+    if (timeout == -1 && PyErr_Occurred())
+        return NULL;
+    if (timeout < 0 || timeout > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "timeout_ms must be 0..%d, not %ld", INT_MAX, timeout);
+        return NULL;
+    }
     struct epoll_event events[MAX_EVENTS];
     int n;
     do {
-        n = epoll_wait(epfd, events, (int)wanted, 0);
+        if (timeout == 0) {
+            n = epoll_wait(epfd, events, (int)wanted, 0);
+        } else {
+            Py_BEGIN_ALLOW_THREADS
+            n = epoll_wait(epfd, events, (int)wanted, (int)timeout);
+            Py_END_ALLOW_THREADS
+        }
     } while (n < 0 && retry_after_signal());
     if (n < 0)
         return PyErr_Occurred() ? NULL : PyErr_SetFromErrno(PyExc_OSError);
@@ -180,14 +196,14 @@ static PyMethodDef methods[] = {
      "accept(listener) -> fd: a new connection's socket, non-blocking and close-on-exec; -1 if none."},
     {"relay", (PyCFunction)(void (*)(void))relay, METH_FASTCALL,
      "relay(src_fd, dst_fd, buffer) -> (read, sent): one recv, then one send of what it read."},
-    {"poll_now", (PyCFunction)(void (*)(void))poll_now, METH_FASTCALL,
-     "poll_now(epoll_fd, maxevents) -> [(fd, events)]: select.epoll.poll(0, maxevents)."},
+    {"poll", (PyCFunction)(void (*)(void))poll_events, METH_FASTCALL,
+     "poll(epoll_fd, maxevents, timeout_ms) -> [(fd, events)]: select.epoll.poll(timeout_ms / 1000, maxevents)."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "kubeprism.forward._fastio",
-    "accept, recv-then-send and a non-blocking epoll poll, without releasing the GIL.", -1, methods,
+    "accept, recv-then-send and an epoll poll, without releasing the GIL where nothing can block.", -1, methods,
 };
 
 PyMODINIT_FUNC

@@ -1,5 +1,6 @@
-"""The calls every forwarded message makes, relay (one recv, then one send of what it read)
-and a poller (an epoll poll that does not wait), and accept (a non-blocking socket at once).
+"""The calls every forwarded message makes: relay (one recv, then one send of what it read),
+a poller (an epoll poll bound once to its set, its bound on events and its timeout), and
+accept (a non-blocking socket at once).
 
 The compiled engine takes them from ``_fastio.c``, which skips what CPython's socket and
 epoll calls do around a syscall that cannot block (release and retake the GIL, generic
@@ -14,6 +15,7 @@ method, a quarter of a small message's user-space cost.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import select
 import socket
@@ -57,19 +59,20 @@ Poller = Callable[[], list[tuple[int, int]]]
 Accept = Callable[[socket.socket], int]
 
 
-def poller_py(ep: select.epoll, maxevents: int) -> Poller:
-    """``ep.poll(0, maxevents)`` as a call without arguments: the events ready now."""
-    return functools.partial(ep.poll, 0, maxevents)
+def poller_py(ep: select.epoll, maxevents: int, timeout: float = 0.0) -> Poller:
+    """``ep.poll(timeout, maxevents)`` as a call without arguments: the events ready now,
+    or (``timeout`` seconds, rounded up to milliseconds) the first that come within it."""
+    return functools.partial(ep.poll, timeout, maxevents)
 
 
 relay: Relay = relay_py
 accept: Accept = accept_py
-poller: Callable[[select.epoll, int], Poller] = poller_py
+poller: Callable[[select.epoll, int, float], Poller] = poller_py
 if ENGINE == "native":  # the package checked that the extension was built (native.py)
     from kubeprism.forward import _fastio
 
-    def poller_c(ep: select.epoll, maxevents: int) -> Poller:
+    def poller_c(ep: select.epoll, maxevents: int, timeout: float = 0.0) -> Poller:
         """The C poll, bound to ``ep``'s fd once: no fileno() call per poll."""
-        return functools.partial(_fastio.poll_now, ep.fileno(), maxevents)
+        return functools.partial(_fastio.poll, ep.fileno(), maxevents, math.ceil(timeout * 1000))
 
     relay, accept, poller = _fastio.relay, _fastio.accept, poller_c

@@ -12,6 +12,17 @@ elsewhere: one handed to the next process, or parked (see Port).
 
 Level-triggered, so nothing is lost by doing less per wakeup: a socket that still has
 bytes, a FIN or an error to read is reported again at the next poll.
+
+Once woken with work, the reactor keeps waiting on its own set (LINGER) before it hands the
+thread back to the event loop: uvloop's set holds this one, and a wakeup that reaches the
+thread by way of the nested set made the unpinned round trip slower and its modes more
+frequent. Measured unpinned on the 2-core machine (sockperf through kubeprism, medians of
+5, against haproxy in the same run; bench/results/2026-12-08-0017-lingerT): p50/p99
+1.04x/1.20x when every wakeup came through the loop, 1.01x/1.07x with a 5 ms linger, 1.00x/
+1.01x with 50 ms. A 1 ms linger made it 1.71x (2026-12-08-0013-linger50), hence no less.
+The loop's own work (health checks, the admin server, timers, signals) waits at most
+HOLD + LINGER meanwhile: far below any timeout it keeps, and noise to the latency classes,
+which read the lowest of several probes.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import logging
 import os
 import select
 import socket
+import time
 from collections.abc import Callable
 from typing import Final, Protocol
 
@@ -44,6 +56,15 @@ _WRITABLE: Final = OUT | ERR | HUP
 _WAITING: Final = IN | OUT
 # Events per poll: bounds one wakeup's work; the rest are reported at the next poll.
 MAX_EVENTS: Final = 256
+# After a wakeup with work: wait this long on the set itself for more (see above).
+LINGER: Final = 0.005
+# ... and give the event loop its turn after this long serving without a pause.
+HOLD: Final = 0.002
+# Linger only while the set is quiet: a poll that found more events than this means they
+# queue up while we work, so the thread would not sleep anyway, and lingering would only cut
+# the batches (pinned keep-alive: 0.95x haproxy lingering after every poll, 1.02x so:
+# bench/results/2026-12-08-0038-quietPIN).
+QUIET: Final = 1
 
 Handler = Callable[[int], None]
 ErrorHandler = Callable[[int, Exception], None]
@@ -60,6 +81,7 @@ class Reactor:
         "_masks",
         "_on_error",
         "_poll_now",
+        "_wait",
         "polls",
     )
 
@@ -71,16 +93,18 @@ class Reactor:
         # Opened with the first registration: a proxy that never serves holds no fd.
         self._ep: select.epoll | None = None
         self._poll_now: Poller | None = None  # polls _ep without waiting
+        self._wait: Poller | None = None  # waits on _ep up to LINGER
         self._handlers: dict[int, Handler] = {}
         self._masks: dict[int, int] = {}  # what the kernel's set holds for each fd
         # fds closed during the poll being dispatched: an event already read for one of
         # them belongs to the old socket, not to a new one that reuses the number.
         self._closing: set[int] = set()
-        self.polls = 0
+        self.polls = 0  # polls that found events
 
     def _open(self) -> select.epoll:
         ep = self._ep = select.epoll()  # close-on-exec by default
-        self._poll_now = poller(ep, MAX_EVENTS)
+        self._poll_now = poller(ep, MAX_EVENTS, 0.0)
+        self._wait = poller(ep, MAX_EVENTS, LINGER)
         self._loop.add_reader(ep.fileno(), self._poll)
         return ep
 
@@ -135,20 +159,39 @@ class Reactor:
         return len(self._handlers)
 
     def _poll(self) -> None:
-        poll_now = self._poll_now
-        assert poll_now is not None and self._ep is not None  # polled only while open
+        """The event loop saw the set ready: serve it, then serve what comes within LINGER
+        of each round, for HOLD at most, before returning to the loop."""
+        ep, poll_now, wait = self._ep, self._poll_now, self._wait
+        assert ep is not None and poll_now is not None and wait is not None  # while open
+        ready = poll_now()
+        if not ready:
+            return
+        self._dispatch(ready)
+        if len(ready) > QUIET:
+            return
+        until = time.monotonic() + HOLD
+        while self._ep is ep:  # a handler may have closed the set
+            ready = wait()
+            if not ready:
+                return
+            self._dispatch(ready)
+            if len(ready) > QUIET or time.monotonic() >= until:
+                return
+
+    def _dispatch(self, ready: list[tuple[int, int]]) -> None:
         self.polls += 1
         handlers, closing = self._handlers, self._closing
         if closing:  # closed outside a poll (a timer, a health verdict): nothing read yet
             closing.clear()
-        for fd, events in poll_now():
+        for fd, events in ready:
             if fd in closing:
                 continue
             handler = handlers.get(fd)
             if handler is None:  # pragma: no cover - every registration has a handler
                 logger.error("BUG: epoll reported fd %d, which nobody watches", fd)
-                with contextlib.suppress(OSError):
-                    self._ep.unregister(fd)
+                if self._ep is not None:  # not closed by an earlier handler
+                    with contextlib.suppress(OSError):
+                        self._ep.unregister(fd)
                 continue
             try:
                 handler(events)
@@ -163,7 +206,7 @@ class Reactor:
     def close(self) -> None:
         """Stop polling and close the set (every socket must be closed or given away); a
         later registration opens a new one."""
-        ep, self._ep, self._poll_now = self._ep, None, None
+        ep, self._ep, self._poll_now, self._wait = self._ep, None, None, None
         if ep is not None:
             self._loop.remove_reader(ep.fileno())
             ep.close()
