@@ -1,14 +1,16 @@
 """Does waiting on an epoll set nested in another one slow a lone round trip?
 
-kubeprism's reactor is an epoll set that uvloop's own set watches as one fd. Linux wakes a
-socket's direct epoll waiter with the "sync" hint (the waker is about to sleep), but wakes
-the waiter of an outer set without it (fs/eventpoll.c, ep_poll_safewake), and the hint
-steers where the scheduler runs the woken task. This measures that alone, without
-kubeprism: a minimal single-threaded relay between sockperf's client and server, run three
-ways, interleaved, unpinned:
+kubeprism's reactor is an epoll set that uvloop's own set watches as one fd, so a socket's
+readiness reaches the waiting thread by way of the outer set (fs/eventpoll.c,
+ep_poll_safewake) rather than directly; where the scheduler runs the woken task can differ.
+This measures that alone, without kubeprism: a minimal single-threaded relay between
+sockperf's client and server, run three ways, interleaved, unpinned. (kubeprism itself
+later confirmed the lead: its reactor now waits on its own set after a wakeup, see LINGER
+in kubeprism/forward/reactor.py.)
 
   direct   waits on the sockets' epoll set (what haproxy does)
-  nested   waits on an outer set holding the sockets' set, then polls that one (kubeprism)
+  nested   waits on an outer set holding the sockets' set, then polls that one (how uvloop
+           wakes kubeprism's reactor)
   extra    waits directly, then makes one more empty epoll_wait (the nested way's syscall)
 
 Usage (repository root):  .venv/bin/python bench/nested_epoll.py [--reps 7] [--seconds 4]
