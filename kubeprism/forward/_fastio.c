@@ -115,6 +115,21 @@ error:
     return NULL;
 }
 
+/* An int argument within [low, high] into *out; -1 with ValueError naming it otherwise. */
+static int
+bounded_arg(PyObject *arg, const char *name, long low, long high, long *out)
+{
+    long value = PyLong_AsLong(arg);
+    if (value == -1 && PyErr_Occurred())
+        return -1;
+    if (value < low || value > high) {
+        PyErr_Format(PyExc_ValueError, "%s must be %ld..%ld, not %ld", name, low, high, value);
+        return -1;
+    }
+    *out = value;
+    return 0;
+}
+
 /* poll(epoll_fd, maxevents, timeout_ms) -> [(fd, events), ...]: what
  * select.epoll.poll(timeout_ms / 1000, maxevents) returns. A zero timeout cannot block and
  * keeps the GIL (the poll after every wakeup); a wait releases it, as select.epoll.poll
@@ -129,20 +144,10 @@ poll_events(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     int epfd = fd_arg(args[0]);
     if (epfd < 0)
         return NULL;
-    long wanted = PyLong_AsLong(args[1]);
-    if (wanted == -1 && PyErr_Occurred())
+    long wanted, timeout;
+    if (bounded_arg(args[1], "maxevents", 1, MAX_EVENTS, &wanted) < 0 ||
+        bounded_arg(args[2], "timeout_ms", 0, INT_MAX, &timeout) < 0)
         return NULL;
-    if (wanted < 1 || wanted > MAX_EVENTS) {
-        PyErr_Format(PyExc_ValueError, "maxevents must be 1..%d, not %ld", MAX_EVENTS, wanted);
-        return NULL;
-    }
-    long timeout = PyLong_AsLong(args[2]);
-    if (timeout == -1 && PyErr_Occurred())
-        return NULL;
-    if (timeout < 0 || timeout > INT_MAX) {
-        PyErr_Format(PyExc_ValueError, "timeout_ms must be 0..%d, not %ld", INT_MAX, timeout);
-        return NULL;
-    }
     struct epoll_event events[MAX_EVENTS];
     int n;
     do {
