@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import socket
+from collections.abc import Callable
 
 import pytest
 from datagen import data_bytes
@@ -23,6 +24,8 @@ from kubeprism.forward.splice import ByteCounter, Mode, Pump, PumpContext
 
 SENT = 8 << 20
 SMALL_BUFFER = 64 * 1024
+# Handovers tried until one freezes with bytes in flight (a final flush can empty the pipe).
+FREEZES = 3
 
 
 def _pump(mode: Mode, src: socket.socket, dst: socket.socket) -> tuple[Pump, PumpContext]:
@@ -47,6 +50,17 @@ def _close(ctx: PumpContext) -> None:
     ctx.reactor.close()
 
 
+def _backed_up(pump: Pump, floor: int) -> Callable[[], bool]:
+    """True once ``pump`` moved more than ``floor`` bytes and then nothing for one poll."""
+    seen = [-1]
+
+    def stalled() -> bool:
+        before, seen[0] = seen[0], pump.moved
+        return pump.moved > floor and pump.moved == before
+
+    return stalled
+
+
 @pytest.mark.parametrize("mode", ["splice", "copy"])
 async def test_freeze_with_bytes_in_flight_then_resume_delivers_each_byte_once(
     mode: Mode,
@@ -56,26 +70,30 @@ async def test_freeze_with_bytes_in_flight_then_resume_delivers_each_byte_once(
     sink, dst = tcp_pair(rcvbuf=SMALL_BUFFER)
     dst.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
     data = data_bytes(SENT)
-    old, old_ctx = _pump(mode, src, dst)
-    new_ctx: PumpContext | None = None
+    pump, ctx = _pump(mode, src, dst)
+    contexts = [ctx]
     try:
-        old.start()
+        pump.start()
         sending = asyncio.create_task(loop.sock_sendall(feeder, data), name="feeder")
-        # Backed up: moved past what the small receive side holds, then stalled.
-        seen = [-1]
-
-        def stalled() -> bool:
-            before, seen[0] = seen[0], old.moved
-            return old.moved > SMALL_BUFFER and old.moved == before
-
-        await eventually(stalled, 10, 0.05, message="the pump backs up")
-        left = old.freeze()
-        _hand_over(old)
-        old.detach()
-        assert left, "frozen with nothing in flight: the test did not back the pump up"
-        assert old.moved + len(left) <= SENT
-        new, new_ctx = _pump(mode, src, dst)
-        new.resume(left)
+        # Backed up (moved past what the small receive side holds, then stalled) and
+        # frozen there. freeze() flushes once more first; when the destination found room
+        # for all that was in flight, that is a clean handover too: the next process
+        # freezes again, up to FREEZES times, until a freeze holds bytes.
+        moved, left, floor = 0, b"", SMALL_BUFFER
+        for _ in range(FREEZES):
+            await eventually(_backed_up(pump, floor), 10, 0.05, message="the pump backs up")
+            left = pump.freeze()
+            _hand_over(pump)
+            pump.detach()
+            moved += pump.moved
+            assert moved + len(left) <= SENT
+            pump, ctx = _pump(mode, src, dst)
+            contexts.append(ctx)
+            pump.resume(left)
+            if left:
+                break
+            floor = -1  # the sink still reads nothing: the next pump backs up at once
+        assert left, f"{FREEZES} freezes, none with bytes in flight: the pump never backed up"
         digest = hashlib.sha256()
         received = 0
         while received < SENT:
@@ -84,13 +102,12 @@ async def test_freeze_with_bytes_in_flight_then_resume_delivers_each_byte_once(
             digest.update(chunk)
             received += len(chunk)
         await sending
-        new.stop()
-        _hand_over(new)
-        new.detach()
+        pump.stop()
+        _hand_over(pump)
+        pump.detach()
     finally:
-        for ctx in (old_ctx, new_ctx):
-            if ctx is not None:
-                _close(ctx)
+        for ctx in contexts:
+            _close(ctx)
         for sock in (feeder, src, dst, sink):
             sock.close()
     assert received == SENT
