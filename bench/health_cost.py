@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import datetime as dt
 import json
-import socket
 import ssl
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+import procs  # noqa: E402
 from certs import write_pki  # noqa: E402  (the test PKI and stand-in are the bench's too)
 from standin import StandinProcess, standin_argv  # noqa: E402
 
@@ -71,13 +71,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def state(port: int, ctx: ssl.SSLContext) -> dict[str, Any]:
     """A stand-in's counters (this request is itself one TLS handshake, never a hit)."""
     url = f"https://127.0.0.1:{port}/_standin/state"
@@ -94,17 +87,29 @@ def admin_get(port: int, path: str) -> tuple[int, str]:
         return getattr(exc, "code", 0), ""
 
 
-def wait_ready(admin: int, proc: subprocess.Popen[bytes]) -> None:
+def wait_ready(admin: int, proc: subprocess.Popen[bytes], log: Path) -> None:
     """Until kubeprism's /readyz says every endpoint is healthy."""
     deadline = time.monotonic() + READY_TIMEOUT
+    status, text = 0, ""
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"kubeprism exited with {proc.returncode}")
+            raise procs.BenchError(f"kubeprism exited with {proc.returncode}{_tail(log)}")
         status, text = admin_get(admin, "/readyz")
         if status == 200 and text.startswith(f"{len(SERVERS)}/{len(SERVERS)}"):
             return
         time.sleep(0.1)
-    raise SystemExit("kubeprism did not report every endpoint healthy in time")
+    raise procs.BenchError(
+        f"kubeprism did not report every endpoint healthy within {READY_TIMEOUT:.0f} s "
+        f"(last /readyz: {status} {text.strip()!r}){_tail(log)}"
+    )
+
+
+def _tail(log: Path, lines: int = 30) -> str:
+    """The end of kubeprism's log, for an error message (the work directory is removed)."""
+    try:
+        return "\nkubeprism's log ends:\n" + "\n".join(log.read_text().splitlines()[-lines:])
+    except OSError as exc:
+        return f"\n(no log: {exc})"
 
 
 def kubeprism_cost(admin: int) -> dict[str, dict[str, float]]:
@@ -125,12 +130,13 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     pki = write_pki(work / "pki")
     ctx = ssl.create_default_context(cafile=str(pki.ca))
     ctx.check_hostname = False  # the state request goes to 127.0.0.1 without a name
-    listen, admin = free_port(), free_port()
     standins = [
         StandinProcess(standin_argv(name, pki.server_cert, pki.server_key)).__enter__()
         for name in SERVERS
     ]
     try:
+        # Picked once the stand-ins listen, so that none of them can take one of these.
+        listen, admin = procs.free_ports(2)
         cfg = {
             "listen": [f"127.0.0.1:{listen}"],
             "admin": {"listen": f"127.0.0.1:{admin}"},
@@ -141,10 +147,11 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         config = work / "kubeprism.yaml"
         config.write_text(yaml.safe_dump(cfg))
         argv = [sys.executable, "-m", "kubeprism", "run", "--config", str(config)]
-        with (work / "kubeprism.log").open("wb") as log:
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=work)
+        log = work / "kubeprism.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=work)
         try:
-            wait_ready(admin, proc)
+            wait_ready(admin, proc, log)
             time.sleep(args.warmup)
             before = [state(s.port, ctx) for s in standins]
             ours_before = kubeprism_cost(admin)
@@ -276,10 +283,14 @@ def render(result: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Measure, print, save; exit 1 if the acceptance is missed."""
+    """Measure, print, save; exit 1 if the acceptance is missed, 2 if nothing was measured."""
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="kubeprism-health-cost-") as tmp:
-        result = measure(args, Path(tmp))
+    try:
+        with tempfile.TemporaryDirectory(prefix="kubeprism-health-cost-") as tmp:
+            result = measure(args, Path(tmp))
+    except procs.BenchError as exc:
+        print(f"health-cost: {exc}", file=sys.stderr)
+        return 2
     rows = rates(result)
     text = render(result, rows)
     print(text, end="")

@@ -99,7 +99,7 @@ def under_callgrind(
 ) -> Iterator[Counter]:
     """kubeprism (from the target's source, else the installed package; on its engine)
     under callgrind; its file is named after the target's engine and ``what`` is counted."""
-    port, admin = procs.free_port(), procs.free_port()
+    port, admin = procs.free_ports(2)
     cfg = work / f"kubeprism-{port}.yaml"
     cfg.write_text(targets.kubeprism_config(port, upstream, admin, "splice"))
     out = work / f"callgrind-{what}-{target.engine or ENGINE}-{port}.out"
