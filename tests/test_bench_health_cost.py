@@ -8,6 +8,7 @@ and that the quiet window needed no new TLS handshake (the health connection was
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,31 @@ def test_health_cost_bench_counts_each_server_and_keeps_its_connections(tmp_path
     assert doc["kubeprism_cpu_seconds"] > 0  # the daemon's own cost, idle
     assert "kubeprism's own CPU (interval 5s): " in done.stdout
     assert (tmp_path / result.name.replace(".json", ".md")).exists()
+
+
+def test_health_cost_bench_that_measures_nothing_exits_2_with_kubeprisms_log(
+    tmp_path: Path,
+) -> None:
+    # A kubeprism that fails at start (put first on the path): exit 2, never 1, which
+    # means "a rate missed", and its log in the message (its directory is gone by then).
+    fake = tmp_path / "fake" / "kubeprism"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "__main__.py").write_text(
+        "import sys\nprint('fake kubeprism: bad key healthCheck.x')\nsys.exit(3)\n"
+    )
+    argv = [sys.executable, str(REPO / "bench" / "health_cost.py"), "--seconds", "1"]
+    argv += ["--warmup", "0", "--out", str(tmp_path / "out")]
+    done = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_TIMEOUT,
+        check=False,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(fake.parent)},
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "health-cost: kubeprism exited with 3" in done.stderr
+    assert "fake kubeprism: bad key healthCheck.x" in done.stderr
+    assert not (tmp_path / "out").exists()  # nothing measured, nothing written
