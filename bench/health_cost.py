@@ -14,6 +14,9 @@ measured on a real kube-apiserver v1.28. Results also land in --out as JSON.
 Also printed: what the checks cost kubeprism itself, its process CPU over the window
 (utime + stime from /proc) per second and per check. With --interval set short (for
 example 0.05) nearly all of it is checks, which gives the CPU of one readiness check.
+
+Exit status: 0 when every rate meets the acceptance, 1 when one misses it, 2 when nothing
+was measured (kubeprism exited or never became ready; stderr then ends with its log).
 """
 
 from __future__ import annotations
